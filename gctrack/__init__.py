@@ -1,0 +1,38 @@
+"""gctrack: which cards of a heap did the program write while the collector marked?
+
+Page-level write tracking for concurrent garbage collectors, built on Linux's
+PAGEMAP_SCAN ioctl with userfaultfd asynchronous write-protect (Linux 6.7+).
+"""
+from gctrack.arena import Arena
+from gctrack.backends import AUTO_ORDER, BACKENDS
+from gctrack.cards import REGION_DTYPE, CardTable
+from gctrack.errors import TrackerError, UnsupportedError
+from gctrack.probe import Features, Support, features
+from gctrack.stats import LoopStats, PassStats
+from gctrack.tracker import Tracker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "REGION_DTYPE",
+    "Arena",
+    "CardTable",
+    "Features",
+    "LoopStats",
+    "PassStats",
+    "Support",
+    "Tracker",
+    "TrackerError",
+    "UnsupportedError",
+    "features",
+    "get_include",
+]
+
+
+def get_include() -> str:
+    """The folder that holds gctrack's C headers (``#include "gctrack/..."``)."""
+    import os
+
+    return os.path.join(os.path.dirname(__file__), "include")

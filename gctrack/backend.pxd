@@ -1,0 +1,50 @@
+# cython: language_level=3
+"""The C-level interface every tracking backend implements.
+
+A backend is a C struct that starts with BackendCore, so that the pass loop,
+the background thread and embedders can drive any backend without the GIL and
+without touching a Python object.
+"""
+from libc.stdint cimport uint64_t, uintptr_t
+from gctrack.linux cimport gct_page_region
+
+
+ctypedef struct PassCounts:
+    uint64_t regions     # regions reported
+    uint64_t pages       # pages reported
+    uint64_t calls       # kernel calls the pass made
+    double seconds       # wall time of the pass
+
+
+# Receives the regions a pass reports, one batch at a time; returns 0 or -errno.
+ctypedef int (*RegionSinkFn)(void *ctx, const gct_page_region *regions,
+                             size_t n) noexcept nogil
+
+ctypedef struct RegionSink:
+    RegionSinkFn emit
+    void *ctx
+
+
+ctypedef struct BackendCore:
+    # Report what was written in [start, end) since the last reset pass,
+    # batch by batch into `sink`; with `reset`, re-arm exactly what was
+    # reported. max_pages > 0 stops after that many pages, leaving the rest
+    # armed-and-dirty for the next pass. Returns 0 or -errno.
+    int (*run_pass)(BackendCore *core, bint reset, uint64_t max_pages,
+                    RegionSink *sink, PassCounts *counts) noexcept nogil
+    # Re-arm the whole range without reporting anything; 0 or -errno.
+    int (*rearm)(BackendCore *core) noexcept nogil
+    const char *failed_operation    # set with every error return
+    uintptr_t start
+    uintptr_t end
+    size_t granularity              # bytes one report stands for (page size)
+
+
+cdef class Backend:
+    """Owns one backend's C state; subclasses fill in ``core``."""
+    cdef BackendCore *core
+    cdef readonly str name
+    cdef readonly object arena       # None once closed
+    cdef int attach(self, object arena) except -1
+    cdef void detach(self) noexcept
+    cdef void release(self) noexcept

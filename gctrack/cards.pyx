@@ -1,0 +1,301 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""CardTable: one bit per card, and the hot loop that turns page regions into bits."""
+import operator
+
+import numpy
+
+from libc.stdint cimport uint64_t, int64_t, uintptr_t
+from libc.string cimport memset
+from gctrack.linux cimport gct_page_region
+
+# The layout of struct gct_page_region, and of the arrays Tracker.scan() returns.
+REGION_DTYPE = numpy.dtype([("start", "<u8"), ("end", "<u8"), ("categories", "<u8")])
+
+cdef extern from *:
+    int popcount64 "__builtin_popcountll"(unsigned long long x) nogil
+    int ctz64 "__builtin_ctzll"(unsigned long long x) nogil
+
+
+cdef void cards_mark_regions(CardBits *t, const gct_page_region *regions,
+                             size_t n) noexcept nogil:
+    cdef size_t i
+    for i in range(n):
+        cards_mark_range(t, regions[i].start, regions[i].end)
+
+
+cdef void cards_or(CardBits *dst, const CardBits *src) noexcept nogil:
+    cdef size_t w
+    for w in range(dst.num_words):
+        dst.words[w] |= src.words[w]
+
+
+cdef void cards_clear(CardBits *t) noexcept nogil:
+    memset(t.words, 0, t.num_words * sizeof(uint64_t))
+
+
+cdef size_t cards_count(const CardBits *t) noexcept nogil:
+    cdef size_t w, total = 0
+    for w in range(t.num_words):
+        total += popcount64(t.words[w])
+    return total
+
+
+cdef size_t cards_next_dirty(const CardBits *t, size_t card) noexcept nogil:
+    """The first dirty card >= card, or t.num_cards when there is none."""
+    if card >= t.num_cards:
+        return t.num_cards
+    cdef size_t w = card >> 6
+    cdef uint64_t word = t.words[w] & ((~<uint64_t>0) << (card & 63))
+    while word == 0:
+        w += 1
+        if w >= t.num_words:
+            return t.num_cards
+        word = t.words[w]
+    return (w << 6) + ctz64(word)
+
+
+cdef inline size_t cards_next_clean(const CardBits *t, size_t card) noexcept nogil:
+    """The first clean card >= card, or t.num_cards when there is none."""
+    if card >= t.num_cards:
+        return t.num_cards
+    cdef size_t w = card >> 6
+    cdef uint64_t word = ~t.words[w] & ((~<uint64_t>0) << (card & 63))
+    while word == 0:
+        w += 1
+        if w >= t.num_words:
+            return t.num_cards
+        word = ~t.words[w]
+    cdef size_t found = (w << 6) + ctz64(word)
+    return found if found < t.num_cards else t.num_cards
+
+
+cdef void cards_merge(CardBits *dst, const CardBits *src) noexcept nogil:
+    """Mark in dst every card that overlaps a dirty card of src (any geometry)."""
+    if (dst.base == src.base and dst.size == src.size
+            and dst.card_shift == src.card_shift):
+        cards_or(dst, src)
+        return
+    cdef size_t first = cards_next_dirty(src, 0), after
+    while first < src.num_cards:
+        after = cards_next_clean(src, first)
+        cards_mark_range(dst, src.base + (<uintptr_t>first << src.card_shift),
+                         src.base + (<uintptr_t>after << src.card_shift))
+        first = cards_next_dirty(src, after)
+
+
+cdef size_t fill_indices(const CardBits *t, int64_t[::1] out) noexcept nogil:
+    cdef size_t n = 0
+    cdef size_t card = cards_next_dirty(t, 0)
+    while card < t.num_cards:
+        out[n] = card
+        n += 1
+        card = cards_next_dirty(t, card + 1)
+    return n
+
+
+cdef size_t fill_ranges(const CardBits *t, uint64_t *out) noexcept nogil:
+    """Coalesce runs of dirty cards into [start, end) address pairs at ``out``
+    (skipped when NULL); returns the number of runs."""
+    cdef size_t n = 0, first, after
+    cdef uintptr_t limit = t.base + t.size
+    cdef uintptr_t end
+    first = cards_next_dirty(t, 0)
+    while first < t.num_cards:
+        after = cards_next_clean(t, first)
+        if out != NULL:
+            end = t.base + (<uintptr_t>after << t.card_shift)
+            out[2 * n] = t.base + (<uintptr_t>first << t.card_shift)
+            out[2 * n + 1] = end if end < limit else limit
+        n += 1
+        first = cards_next_dirty(t, after)
+    return n
+
+
+cdef unsigned checked_card_shift(object card_size) except? 0:
+    card_size = operator.index(card_size)
+    if card_size < 64 or card_size & (card_size - 1):
+        raise ValueError(f"card_size must be a power of two >= 64, got {card_size}")
+    return (<unsigned long long>card_size).bit_length() - 1
+
+
+cdef class CardTable:
+    """A card table: one bit per ``card_size`` bytes of [base, base + size).
+
+    ``words`` is a live numpy uint64 view of the bits (card i is bit i % 64
+    of word i // 64). Addresses outside the table raise ValueError.
+    """
+
+    def __cinit__(self, base, size, card_size=512):
+        base = operator.index(base)
+        size = operator.index(size)
+        if base < 0:
+            raise ValueError(f"base must be a non-negative address, got {base}")
+        if size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        self.bits.card_shift = checked_card_shift(card_size)
+        self.bits.base = base
+        self.bits.size = size
+        self.bits.num_cards = (size + (1 << self.bits.card_shift) - 1) >> self.bits.card_shift
+        self.bits.num_words = (self.bits.num_cards + 63) >> 6
+        self.words_array = numpy.zeros(self.bits.num_words, dtype=numpy.uint64)
+        cdef uint64_t[::1] words = self.words_array
+        self.bits.words = &words[0]
+
+    @classmethod
+    def for_arena(cls, arena, card_size=512):
+        """A table covering exactly ``arena``."""
+        return cls(arena.address, arena.size, card_size)
+
+    @property
+    def words(self):
+        return self.words_array
+
+    @property
+    def base(self):
+        return self.bits.base
+
+    @property
+    def size(self):
+        return self.bits.size
+
+    @property
+    def card_size(self):
+        return 1 << self.bits.card_shift
+
+    @property
+    def num_cards(self):
+        return self.bits.num_cards
+
+    cdef int check_covers(self, uintptr_t start, size_t length) except -1:
+        if start < self.bits.base or start + length > self.bits.base + self.bits.size:
+            raise ValueError(
+                f"[{start:#x}, {start + length:#x}) is outside the card table "
+                f"[{self.bits.base:#x}, {self.bits.base + self.bits.size:#x})")
+        return 0
+
+    cdef size_t card_of(self, object addr) except? 0:
+        addr = operator.index(addr)
+        if addr < 0:
+            raise ValueError(f"address must be non-negative, got {addr}")
+        self.check_covers(addr, 1)
+        return (<uintptr_t>addr - self.bits.base) >> self.bits.card_shift
+
+    cdef int check_same_geometry(self, CardTable other) except -1:
+        if (other.bits.base != self.bits.base or other.bits.size != self.bits.size
+                or other.bits.card_shift != self.bits.card_shift):
+            raise ValueError(f"card tables differ in geometry: {self!r} and {other!r}")
+        return 0
+
+    def mark_range(self, addr, length):
+        """Mark every card overlapping [addr, addr + length)."""
+        addr = operator.index(addr)
+        length = operator.index(length)
+        if addr < 0 or length < 0:
+            raise ValueError(f"address and length must be non-negative, got {addr}, {length}")
+        if length == 0:
+            return
+        self.check_covers(addr, length)
+        cards_mark_range(&self.bits, addr, addr + length)
+
+    def add_regions(self, regions):
+        """Mark the cards of every [start, end) region.
+
+        ``regions`` is an array of REGION_DTYPE (as Tracker.scan() returns) or
+        a (k, 2) / (k, 3) integer array whose first two columns are start, end.
+        """
+        starts, ends = _region_columns(regions)
+        if starts.size == 0:
+            return
+        if (ends < starts).any():
+            raise ValueError("a region ends before it starts")
+        self.check_covers(int(starts.min()), int(ends.max() - starts.min()))
+        cdef const uint64_t[::1] s = starts
+        cdef const uint64_t[::1] e = ends
+        cdef size_t i
+        with nogil:
+            for i in range(<size_t>s.shape[0]):
+                cards_mark_range(&self.bits, s[i], e[i])
+
+    def count(self):
+        """The number of dirty cards."""
+        return cards_count(&self.bits)
+
+    def indices(self):
+        """The dirty card numbers, ascending, as int64."""
+        out = numpy.empty(cards_count(&self.bits), dtype=numpy.int64)
+        cdef int64_t[::1] view = out
+        if out.size:
+            with nogil:
+                fill_indices(&self.bits, view)
+        return out
+
+    def ranges(self):
+        """Runs of dirty cards as a (k, 2) uint64 array of [start, end) addresses."""
+        cdef uint64_t[:, ::1] view
+        cdef size_t k
+        with nogil:
+            k = fill_ranges(&self.bits, NULL)
+        out = numpy.empty((k, 2), dtype=numpy.uint64)
+        if k:
+            view = out
+            with nogil:
+                fill_ranges(&self.bits, &view[0, 0])
+        return out
+
+    def is_dirty(self, addr):
+        cdef size_t card = self.card_of(addr)
+        return bool((self.bits.words[card >> 6] >> (card & 63)) & 1)
+
+    def clear(self):
+        cards_clear(&self.bits)
+
+    def copy(self):
+        cdef CardTable twin = CardTable(self.bits.base, self.bits.size, 1 << self.bits.card_shift)
+        twin.words_array[:] = self.words_array
+        return twin
+
+    def __or__(self, other):
+        if not isinstance(self, CardTable) or not isinstance(other, CardTable):
+            return NotImplemented
+        result = self.copy()
+        result |= other
+        return result
+
+    def __ior__(self, other):
+        if not isinstance(other, CardTable):
+            return NotImplemented
+        self.check_same_geometry(other)
+        cards_or(&self.bits, &(<CardTable>other).bits)
+        return self
+
+    def __eq__(self, other):
+        if not isinstance(other, CardTable):
+            return NotImplemented
+        cdef CardTable that = other
+        return (that.bits.base == self.bits.base and that.bits.size == self.bits.size
+                and that.bits.card_shift == self.bits.card_shift
+                and numpy.array_equal(that.words_array, self.words_array))
+
+    __hash__ = None
+
+    def __repr__(self):
+        return (f"<gctrack.CardTable {self.bits.num_cards} cards of {1 << self.bits.card_shift} B "
+                f"at {self.bits.base:#x}, {cards_count(&self.bits)} dirty>")
+
+
+def _region_columns(regions):
+    """(starts, ends) as contiguous uint64 arrays, from any accepted region layout."""
+    array = numpy.asarray(regions)
+    if array.dtype.names is not None:
+        if "start" not in array.dtype.names or "end" not in array.dtype.names:
+            raise ValueError("structured regions need 'start' and 'end' fields")
+        columns = array["start"], array["end"]
+    else:
+        if array.ndim != 2 or array.shape[1] not in (2, 3):
+            raise ValueError(f"regions must be a (k, 2) or (k, 3) array, got shape {array.shape}")
+        if array.dtype.kind not in "iu":
+            raise TypeError(f"regions must hold integers, got {array.dtype}")
+        if array.dtype.kind == "i" and (array[:, :2] < 0).any():
+            raise ValueError("region addresses must be non-negative")
+        columns = array[:, 0], array[:, 1]
+    return tuple(numpy.ascontiguousarray(c, dtype=numpy.uint64) for c in columns)

@@ -1,0 +1,139 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Native writer threads for tests and benchmarks.
+
+Real pthreads that store into an arena without the GIL, so that tests can
+race genuine concurrent writes against tracking passes.
+"""
+import numpy
+
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport calloc, free
+
+from gctrack.arena cimport Arena
+from gctrack.errors import TrackerError
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_t:
+        pass
+    int pthread_create(pthread_t *thread, const void *attr,
+                       void *(*start)(void *) noexcept nogil, void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+
+cdef extern from *:
+    """
+    static inline void gct_cpu_relax(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+    #endif
+    }
+    static inline int gct_load_acquire(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void gct_store_release(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    """
+    void gct_cpu_relax() nogil
+    int gct_load_acquire(const int *p) nogil
+    void gct_store_release(int *p, int v) nogil
+
+
+ctypedef struct WriterJob:
+    volatile char *base
+    const uint64_t *offsets
+    size_t count
+    unsigned spin          # pause instructions between two stores
+    int *go                # all writers start together when it turns 1
+
+
+cdef void *writer_main(void *arg) noexcept nogil:
+    cdef WriterJob *job = <WriterJob *>arg
+    cdef size_t i
+    cdef unsigned s
+    while not gct_load_acquire(job.go):
+        gct_cpu_relax()
+    for i in range(job.count):
+        job.base[job.offsets[i]] = <char>(i | 1)
+        for s in range(job.spin):
+            gct_cpu_relax()
+    return NULL
+
+
+cdef class NativeWriters:
+    """One pthread per offsets array; thread k stores one byte at each of
+    ``offsets[k]`` (byte offsets into the arena), in order, without the GIL.
+
+    ``spin`` pause instructions between stores slow a writer down so that
+    its writes interleave with passes. Use as a context manager or call
+    ``start()`` then ``join()``.
+    """
+    cdef Arena arena
+    cdef list offsets
+    cdef WriterJob *jobs
+    cdef pthread_t *threads
+    cdef size_t num_threads
+    cdef size_t started
+    cdef int go
+
+    def __cinit__(self, Arena arena not None, offsets, unsigned spin=0):
+        self.offsets = [numpy.ascontiguousarray(o, dtype=numpy.uint64) for o in offsets]
+        for o in self.offsets:
+            if o.ndim != 1:
+                raise ValueError("each writer's offsets must be one-dimensional")
+            if o.size and int(o.max()) >= arena.size:
+                raise ValueError(f"offset {int(o.max())} is outside the arena of {arena.size} bytes")
+        arena.pin()
+        self.arena = arena
+        self.num_threads = len(self.offsets)
+        self.jobs = <WriterJob *>calloc(max(self.num_threads, 1), sizeof(WriterJob))
+        self.threads = <pthread_t *>calloc(max(self.num_threads, 1), sizeof(pthread_t))
+        if self.jobs == NULL or self.threads == NULL:
+            raise MemoryError()
+        cdef const uint64_t[::1] view
+        for k, o in enumerate(self.offsets):
+            view = o
+            self.jobs[k].base = arena.base
+            self.jobs[k].offsets = &view[0] if o.size else NULL
+            self.jobs[k].count = o.size
+            self.jobs[k].spin = spin
+            self.jobs[k].go = &self.go
+
+    def start(self):
+        """Start every writer; they begin storing together."""
+        if self.started:
+            raise RuntimeError("writers already started")
+        cdef size_t k
+        cdef int rc
+        for k in range(self.num_threads):
+            rc = pthread_create(&self.threads[k], NULL, writer_main, &self.jobs[k])
+            if rc:
+                gct_store_release(&self.go, 1)
+                self.join()
+                raise TrackerError(rc, "pthread_create")
+            self.started += 1
+        gct_store_release(&self.go, 1)
+        return self
+
+    def join(self):
+        """Wait for every started writer to finish."""
+        cdef size_t k
+        cdef size_t n = self.started
+        with nogil:
+            for k in range(n):
+                pthread_join(self.threads[k], NULL)
+        self.started = 0
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.join()
+
+    def __dealloc__(self):
+        cdef size_t k
+        if self.started:
+            gct_store_release(&self.go, 1)
+            with nogil:
+                for k in range(self.started):
+                    pthread_join(self.threads[k], NULL)
+        free(self.jobs)
+        free(self.threads)
+        if self.arena is not None:
+            self.arena.unpin()

@@ -1,0 +1,51 @@
+# cython: language_level=3
+from libc.stdint cimport uint64_t
+from gctrack.arena cimport Arena
+from gctrack.backend cimport Backend, BackendCore, PassCounts
+from gctrack.cards cimport CardBits, CardTable
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_t:
+        pass
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+
+
+ctypedef struct TrackerCore:
+    # The C-level tracker: everything a pass, the background loop and drain
+    # touch, so that none of them needs the GIL or a Python object.
+    BackendCore *backend
+    pthread_mutex_t lock            # serialises passes, the loop and drain
+    pthread_cond_t wake             # wakes the loop early when it must stop
+    CardBits accumulated            # what the loop collected since the last drain
+    bint running                    # the loop keeps going while set (under lock)
+    long long interval_ns
+    int loop_error                  # -errno of the pass that stopped the loop
+    const char *loop_error_operation
+    PassCounts loop_totals          # summed over the loop's passes
+    uint64_t loop_passes
+
+
+cdef int tracker_pass_into(TrackerCore *t, CardBits *cards, bint reset,
+                           uint64_t max_pages, PassCounts *counts) noexcept nogil
+cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noexcept nogil
+
+
+cdef class Tracker:
+    cdef TrackerCore core
+    cdef readonly Arena arena
+    cdef Backend backend_object
+    cdef CardTable accumulated_table  # owns core.accumulated.words
+    cdef pthread_t thread
+    cdef bint thread_alive
+    cdef bint sync_ready              # lock and cond initialised
+    cdef readonly bint closed
+
+    cdef int check_usable(self) except -1
+    cdef int check_not_running(self) except -1
+    cdef CardBits *cards_for_arena(self, object cards) except NULL
+    cdef int join_loop(self) except -1
+    cdef int raise_loop_error(self) except -1

@@ -1,0 +1,402 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Tracker: arms a backend over an arena and runs its passes.
+
+The pass (timed, serialised by one lock), the background pass loop and drain
+are written here once, against the C-level BackendCore interface, so every
+backend gets the same loop and the same drain semantics.
+"""
+import math
+
+import numpy
+
+from libc.errno cimport ENOMEM
+from libc.stdint cimport uint64_t, uintptr_t
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy, memset
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+from gctrack.arena cimport Arena
+from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink
+from gctrack.cards cimport (CardBits, CardTable, cards_mark_regions, cards_merge,
+                            cards_clear)
+from gctrack.linux cimport gct_page_region
+
+from gctrack import backends
+from gctrack.cards import REGION_DTYPE
+from gctrack.errors import TrackerError
+from gctrack.stats import LoopStats, PassStats
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_condattr_t:
+        pass
+    int pthread_create(pthread_t *thread, const void *attr,
+                       void *(*start)(void *) noexcept nogil, void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+    int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+    int pthread_condattr_init(pthread_condattr_t *attr)
+    int pthread_condattr_setclock(pthread_condattr_t *attr, int clock_id)
+    int pthread_condattr_destroy(pthread_condattr_t *attr)
+    int pthread_cond_init(pthread_cond_t *cond, const pthread_condattr_t *attr)
+    int pthread_cond_destroy(pthread_cond_t *cond)
+    int pthread_cond_signal(pthread_cond_t *cond)
+    int pthread_cond_timedwait(pthread_cond_t *cond, pthread_mutex_t *mutex,
+                               const timespec *abstime)
+
+
+# ---- region sinks: where a pass's regions go --------------------------------
+
+cdef int mark_cards(void *ctx, const gct_page_region *regions, size_t n) noexcept nogil:
+    cards_mark_regions(<CardBits *>ctx, regions, n)
+    return 0
+
+
+ctypedef struct RegionBuffer:
+    gct_page_region *data
+    size_t length
+    size_t capacity
+
+
+cdef int append_regions(void *ctx, const gct_page_region *regions, size_t n) noexcept nogil:
+    cdef RegionBuffer *buf = <RegionBuffer *>ctx
+    cdef size_t capacity = buf.capacity if buf.capacity else 1024
+    cdef gct_page_region *grown
+    while buf.length + n > capacity:
+        capacity *= 2
+    if capacity != buf.capacity:
+        grown = <gct_page_region *>realloc(buf.data, capacity * sizeof(gct_page_region))
+        if grown == NULL:
+            return -ENOMEM
+        buf.data = grown
+        buf.capacity = capacity
+    memcpy(buf.data + buf.length, regions, n * sizeof(gct_page_region))
+    buf.length += n
+    return 0
+
+
+# ---- the pass, the loop and drain: written once for every backend ----------
+
+cdef inline double now_seconds() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef int timed_pass(BackendCore *backend, bint reset, uint64_t max_pages,
+                    RegionSink *sink, PassCounts *counts) noexcept nogil:
+    """One pass of `backend` into `sink`; the caller holds the tracker lock."""
+    memset(counts, 0, sizeof(PassCounts))
+    cdef double started = now_seconds()
+    cdef int rc = backend.run_pass(backend, reset, max_pages, sink, counts)
+    counts.seconds = now_seconds() - started
+    return rc
+
+
+cdef int tracker_pass_into(TrackerCore *t, CardBits *cards, bint reset,
+                           uint64_t max_pages, PassCounts *counts) noexcept nogil:
+    """One locked pass whose regions are marked into `cards`."""
+    cdef RegionSink sink
+    sink.emit = mark_cards
+    sink.ctx = cards
+    pthread_mutex_lock(&t.lock)
+    cdef int rc = timed_pass(t.backend, reset, max_pages, &sink, counts)
+    pthread_mutex_unlock(&t.lock)
+    return rc
+
+
+cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noexcept nogil:
+    """A last pass, then hand over everything accumulated since the last drain.
+
+    Atomic with respect to the loop: both hold the lock, so each reported
+    page lands in exactly one drain.
+    """
+    cdef RegionSink sink
+    sink.emit = mark_cards
+    sink.ctx = &t.accumulated
+    pthread_mutex_lock(&t.lock)
+    cdef int rc = timed_pass(t.backend, True, 0, &sink, counts)
+    cards_merge(cards, &t.accumulated)
+    cards_clear(&t.accumulated)
+    pthread_mutex_unlock(&t.lock)
+    return rc
+
+
+cdef void add_counts(PassCounts *total, const PassCounts *one) noexcept nogil:
+    total.regions += one.regions
+    total.pages += one.pages
+    total.calls += one.calls
+    total.seconds += one.seconds
+
+
+cdef void deadline_after(timespec *deadline, long long interval_ns) noexcept nogil:
+    clock_gettime(CLOCK_MONOTONIC, deadline)
+    cdef long long nsec = deadline.tv_nsec + interval_ns
+    deadline.tv_sec += nsec // 1000000000
+    deadline.tv_nsec = nsec % 1000000000
+
+
+cdef void *pass_loop(void *arg) noexcept nogil:
+    """The background thread: a reset pass into `accumulated` every interval."""
+    cdef TrackerCore *t = <TrackerCore *>arg
+    cdef RegionSink sink
+    cdef PassCounts counts
+    cdef timespec deadline
+    cdef int rc
+    sink.emit = mark_cards
+    sink.ctx = &t.accumulated
+    pthread_mutex_lock(&t.lock)
+    while t.running:
+        rc = timed_pass(t.backend, True, 0, &sink, &counts)
+        if rc:
+            t.loop_error = rc
+            t.loop_error_operation = t.backend.failed_operation
+            t.running = False
+            break
+        add_counts(&t.loop_totals, &counts)
+        t.loop_passes += 1
+        deadline_after(&deadline, t.interval_ns)
+        # Waiting releases the lock, so drain and stop get their turn.
+        pthread_cond_timedwait(&t.wake, &t.lock, &deadline)
+    pthread_mutex_unlock(&t.lock)
+    return NULL
+
+
+# ---- the Python face --------------------------------------------------------
+
+def _pass_stats(PassCounts counts):
+    return PassStats(regions=counts.regions, pages=counts.pages, calls=counts.calls,
+                     seconds=counts.seconds)
+
+
+cdef raise_for_backend(int rc, BackendCore *backend):
+    if rc:
+        raise TrackerError(-rc, backend.failed_operation.decode())
+
+
+cdef class Tracker:
+    """Tracks which pages of an arena are written, through one backend.
+
+    Tracking starts at construction (every page armed). ``collect`` runs one
+    pass into a CardTable; ``start``/``drain``/``stop`` run passes in a native
+    background thread instead. ``backend`` is a name from gctrack.backends
+    (``"auto"`` picks the best available) or an armed Backend instance.
+    """
+
+    def __cinit__(self, Arena arena not None, *, backend="auto", vector_len=None):
+        arena.check_open()
+        self.arena = arena
+        self.backend_object = backends.create(backend, arena, vector_len)
+        self.core.backend = self.backend_object.core
+        if pthread_mutex_init(&self.core.lock, NULL) != 0:
+            raise MemoryError()
+        cdef pthread_condattr_t attr
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        pthread_cond_init(&self.core.wake, &attr)
+        pthread_condattr_destroy(&attr)
+        self.sync_ready = True
+        self.accumulated_table = CardTable(arena.address, arena.size,
+                                           self.core.backend.granularity)
+        self.core.accumulated = self.accumulated_table.bits
+
+    def __dealloc__(self):
+        if self.thread_alive:
+            pthread_mutex_lock(&self.core.lock)
+            self.core.running = False
+            pthread_cond_signal(&self.core.wake)
+            pthread_mutex_unlock(&self.core.lock)
+            with nogil:
+                pthread_join(self.thread, NULL)
+        if self.sync_ready:
+            pthread_cond_destroy(&self.core.wake)
+            pthread_mutex_destroy(&self.core.lock)
+
+    @property
+    def backend(self):
+        """The backend's name."""
+        return self.backend_object.name
+
+    @property
+    def granularity(self):
+        """Bytes that one report stands for (the page size for kernel backends)."""
+        return self.core.backend.granularity
+
+    @property
+    def running(self):
+        return self.thread_alive
+
+    cdef int check_usable(self) except -1:
+        if self.closed:
+            raise ValueError("tracker is closed")
+        return 0
+
+    cdef int check_not_running(self) except -1:
+        if self.thread_alive:
+            raise RuntimeError("the background pass loop is running: use drain(), or stop() first")
+        return 0
+
+    cdef CardBits *cards_for_arena(self, object cards) except NULL:
+        if not isinstance(cards, CardTable):
+            raise TypeError(f"cards must be a gctrack.CardTable, got {type(cards).__name__}")
+        cdef CardTable table = cards
+        table.check_covers(<uintptr_t>self.arena.base, self.arena.size)
+        return &table.bits
+
+    def collect(self, cards, *, reset=True):
+        """One pass: mark in ``cards`` every page written since the last reset pass.
+
+        With ``reset=False`` the pages are reported but stay dirty. Returns
+        PassStats. ``cards`` must cover the arena.
+        """
+        self.check_usable()
+        self.check_not_running()
+        cdef CardBits *bits = self.cards_for_arena(cards)
+        cdef bint rearm = reset
+        cdef PassCounts counts
+        cdef int rc
+        with nogil:
+            rc = tracker_pass_into(&self.core, bits, rearm, 0, &counts)
+        raise_for_backend(rc, self.core.backend)
+        return _pass_stats(counts)
+
+    def scan(self, *, reset=True, max_pages=0):
+        """One pass returning the raw regions as a REGION_DTYPE array.
+
+        ``max_pages`` > 0 reports at most that many pages; the rest stay dirty
+        for the next pass.
+        """
+        self.check_usable()
+        self.check_not_running()
+        if max_pages < 0:
+            raise ValueError(f"max_pages must be >= 0, got {max_pages}")
+        cdef uint64_t limit = max_pages
+        cdef bint rearm = reset
+        cdef RegionBuffer buf
+        cdef RegionSink sink
+        cdef PassCounts counts
+        cdef int rc
+        memset(&buf, 0, sizeof(buf))
+        sink.emit = append_regions
+        sink.ctx = &buf
+        try:
+            with nogil:
+                pthread_mutex_lock(&self.core.lock)
+                rc = timed_pass(self.core.backend, rearm, limit, &sink, &counts)
+                pthread_mutex_unlock(&self.core.lock)
+            raise_for_backend(rc, self.core.backend)
+            out = numpy.empty(buf.length, dtype=REGION_DTYPE)
+            if buf.length:
+                memcpy(<void *><uintptr_t>out.ctypes.data, buf.data,
+                       buf.length * sizeof(gct_page_region))
+            return out
+        finally:
+            free(buf.data)
+
+    def reset(self):
+        """Re-arm every page without reporting: forget all writes so far."""
+        self.check_usable()
+        self.check_not_running()
+        cdef int rc
+        with nogil:
+            pthread_mutex_lock(&self.core.lock)
+            rc = self.core.backend.rearm(self.core.backend)
+            cards_clear(&self.core.accumulated)
+            pthread_mutex_unlock(&self.core.lock)
+        raise_for_backend(rc, self.core.backend)
+
+    def start(self, interval=0.001):
+        """Run reset passes every ``interval`` seconds in a native thread."""
+        self.check_usable()
+        if self.thread_alive:
+            raise RuntimeError("the background pass loop is already running")
+        interval = float(interval)
+        if not (interval > 0 and math.isfinite(interval)):
+            raise ValueError(f"interval must be a positive number of seconds, got {interval}")
+        self.core.interval_ns = <long long>(interval * 1e9) or 1
+        self.core.running = True
+        self.core.loop_error = 0
+        cdef int rc = pthread_create(&self.thread, NULL, pass_loop, &self.core)
+        if rc:
+            self.core.running = False
+            raise TrackerError(rc, "pthread_create")
+        self.thread_alive = True
+
+    cdef int join_loop(self) except -1:
+        """Stop the loop thread and wait for it; no-op when it is not running."""
+        if not self.thread_alive:
+            return 0
+        with nogil:
+            pthread_mutex_lock(&self.core.lock)
+            self.core.running = False
+            pthread_cond_signal(&self.core.wake)
+            pthread_mutex_unlock(&self.core.lock)
+            pthread_join(self.thread, NULL)
+        self.thread_alive = False
+        return 0
+
+    def stop(self):
+        """Stop the background loop. What it collected stays for ``drain``."""
+        self.check_usable()
+        self.join_loop()
+        self.raise_loop_error()
+
+    def drain(self, cards):
+        """Run a last pass, then move everything accumulated into ``cards``.
+
+        Works whether or not the loop is running; atomic with respect to it.
+        Returns the PassStats of the last pass.
+        """
+        self.check_usable()
+        cdef CardBits *bits = self.cards_for_arena(cards)
+        cdef PassCounts counts
+        cdef int rc
+        with nogil:
+            rc = tracker_drain(&self.core, bits, &counts)
+        raise_for_backend(rc, self.core.backend)
+        self.raise_loop_error()
+        return _pass_stats(counts)
+
+    cdef int raise_loop_error(self) except -1:
+        """Raise (once) the error that stopped the background loop, if any."""
+        cdef int rc = self.core.loop_error
+        if rc:
+            self.core.loop_error = 0
+            raise TrackerError(-rc, self.core.loop_error_operation.decode(),
+                               "in the background pass loop")
+        return 0
+
+    @property
+    def loop_stats(self):
+        """Totals over the background loop's passes since the tracker was made."""
+        cdef PassCounts totals
+        cdef uint64_t passes
+        with nogil:
+            pthread_mutex_lock(&self.core.lock)
+            totals = self.core.loop_totals
+            passes = self.core.loop_passes
+            pthread_mutex_unlock(&self.core.lock)
+        return LoopStats(passes=passes, regions=totals.regions, pages=totals.pages,
+                         calls=totals.calls, seconds=totals.seconds)
+
+    def close(self):
+        """Stop the loop and disarm the backend. Idempotent; the arena stays usable."""
+        if self.closed:
+            return
+        self.join_loop()
+        self.closed = True
+        self.backend_object.close()
+        self.core.backend = NULL
+
+    def __enter__(self):
+        self.check_usable()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self.closed else ("running" if self.thread_alive else "armed")
+        return f"<gctrack.Tracker {self.backend_object.name} over {self.arena!r}, {state}>"
