@@ -117,6 +117,14 @@ cdef class Arena:
     def __releasebuffer__(self, Py_buffer *buffer):
         self.unpin()
 
+    def __array__(self, dtype=None, copy=None):
+        # numpy turns an object whose buffer export fails into a 0-d object
+        # array; this makes numpy.asarray(closed_arena) raise instead.
+        view = self.view(numpy.uint8)
+        if dtype is not None:
+            return view.astype(dtype, copy=bool(copy))
+        return view.copy() if copy else view
+
     @property
     def address(self):
         """Start address of the arena (page-aligned)."""

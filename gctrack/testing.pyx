@@ -29,10 +29,12 @@ cdef extern from *:
     }
     static inline int gct_load_acquire(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void gct_store_release(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline void gct_increment(int *p) { __atomic_add_fetch(p, 1, __ATOMIC_RELEASE); }
     """
     void gct_cpu_relax() nogil
     int gct_load_acquire(const int *p) nogil
     void gct_store_release(int *p, int v) nogil
+    void gct_increment(int *p) nogil
 
 
 ctypedef struct WriterJob:
@@ -41,6 +43,7 @@ ctypedef struct WriterJob:
     size_t count
     unsigned spin          # pause instructions between two stores
     int *go                # all writers start together when it turns 1
+    int *finished          # counts writers that stored everything
 
 
 cdef void *writer_main(void *arg) noexcept nogil:
@@ -53,6 +56,7 @@ cdef void *writer_main(void *arg) noexcept nogil:
         job.base[job.offsets[i]] = <char>(i | 1)
         for s in range(job.spin):
             gct_cpu_relax()
+    gct_increment(job.finished)
     return NULL
 
 
@@ -71,6 +75,7 @@ cdef class NativeWriters:
     cdef size_t num_threads
     cdef size_t started
     cdef int go
+    cdef int finished_count
 
     def __cinit__(self, Arena arena not None, offsets, unsigned spin=0):
         self.offsets = [numpy.ascontiguousarray(o, dtype=numpy.uint64) for o in offsets]
@@ -94,6 +99,7 @@ cdef class NativeWriters:
             self.jobs[k].count = o.size
             self.jobs[k].spin = spin
             self.jobs[k].go = &self.go
+            self.jobs[k].finished = &self.finished_count
 
     def start(self):
         """Start every writer; they begin storing together."""
@@ -110,6 +116,10 @@ cdef class NativeWriters:
             self.started += 1
         gct_store_release(&self.go, 1)
         return self
+
+    def finished(self):
+        """Whether every writer has done all its stores."""
+        return gct_load_acquire(&self.finished_count) == <int>self.num_threads
 
     def join(self):
         """Wait for every started writer to finish."""

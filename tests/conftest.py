@@ -1,0 +1,61 @@
+"""Shared fixtures. Tests that need a kernel mechanism skip with the probe's reason."""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+import gctrack
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true", help="run the long stress soaks too")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="long soak: run with --soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
+def require(mechanism: str) -> None:
+    """Skip the calling test, with the probe's reason, unless ``mechanism`` works here."""
+    support = getattr(gctrack.features(), mechanism)
+    if not support:
+        pytest.skip(f"{mechanism} unavailable: {support.reason}")
+
+
+@pytest.fixture
+def page_size() -> int:
+    return gctrack.features().page_size
+
+
+@pytest.fixture
+def arena():
+    with gctrack.Arena(256 * gctrack.features().page_size) as a:
+        yield a
+
+
+@pytest.fixture
+def tracker(arena):
+    require("pagemap_scan")
+    with gctrack.Tracker(arena, backend="pagemap_scan") as t:
+        yield t
+
+
+def reported_pages(regions, arena) -> set[int]:
+    """Page numbers (within the arena) covered by REGION_DTYPE regions."""
+    pages: set[int] = set()
+    for start, end in zip(regions["start"].tolist(), regions["end"].tolist()):
+        pages.update(range((start - arena.address) // arena.page_size,
+                           (end - arena.address) // arena.page_size))
+    return pages
+
+
+def write_pages(arena, pages, offset_in_page: int = 0) -> None:
+    """Store one byte into each of ``pages`` (page numbers within the arena)."""
+    view = numpy.asarray(arena)
+    index = numpy.asarray(sorted(pages), dtype=numpy.int64) * arena.page_size + offset_in_page
+    view[index] += 1

@@ -1,0 +1,308 @@
+"""Exact dirty sets from the pagemap_scan backend, and the Tracker's contract."""
+import ctypes
+import mmap
+import os
+
+import numpy
+import pytest
+from hypothesis import given, settings, HealthCheck
+from hypothesis import strategies as st
+
+import gctrack
+from conftest import reported_pages, require, write_pages
+from gctrack.testing import NativeWriters
+
+
+def pages_of(cards, arena) -> set[int]:
+    """Pages of ``arena`` whose cards are all dirty in a page-or-finer table."""
+    per_page = arena.page_size // cards.card_size
+    dirty = set((cards.indices() // per_page).tolist())
+    return dirty
+
+
+# ---- exact dirty sets ------------------------------------------------------
+
+def test_one_byte_marks_exactly_its_page(tracker, arena):
+    numpy.asarray(arena)[5 * arena.page_size + 17] = 1
+    assert reported_pages(tracker.scan(), arena) == {5}
+
+
+def test_write_across_a_page_boundary_marks_both_pages(tracker, arena):
+    numpy.asarray(arena)[8 * arena.page_size - 2: 8 * arena.page_size + 2] = 1
+    assert reported_pages(tracker.scan(), arena) == {7, 8}
+
+
+@pytest.mark.parametrize("k", [2, 3, 7, 64])
+def test_every_kth_page(tracker, arena, k):
+    written = set(range(0, arena.num_pages, k))
+    write_pages(arena, written)
+    regions = tracker.scan()
+    assert reported_pages(regions, arena) == written
+    assert len(regions) == len(written)        # isolated pages: one region each
+
+
+def test_all_pages_come_back_as_one_region(tracker, arena):
+    numpy.asarray(arena)[:] = 1
+    regions = tracker.scan()
+    assert len(regions) == 1
+    assert (int(regions[0]["start"]), int(regions[0]["end"])) == (arena.address, arena.address + arena.size)
+    assert regions[0]["categories"] == 2     # PAGE_IS_WRITTEN
+
+
+def test_nothing_written_reports_nothing(tracker, arena):
+    assert len(tracker.scan()) == 0
+    cards = gctrack.CardTable.for_arena(arena)
+    stats = tracker.collect(cards)
+    assert (stats.pages, stats.regions, cards.count()) == (0, 0, 0)
+
+
+def test_reads_mark_nothing(tracker, arena):
+    assert int(numpy.asarray(arena)[::arena.page_size].sum()) == 0
+    assert len(tracker.scan()) == 0
+
+
+def test_the_first_write_to_a_never_touched_page_is_reported(tracker, arena):
+    """WP_UNPOPULATED: unpopulated pages are armed too."""
+    numpy.asarray(arena)[200 * arena.page_size] = 1
+    assert reported_pages(tracker.scan(), arena) == {200}
+
+
+# ---- the re-arm rule ---------------------------------------------------------
+
+def test_a_page_is_reported_once_per_write(tracker, arena):
+    view = numpy.asarray(arena)
+    view[3 * arena.page_size] = 1
+    assert reported_pages(tracker.scan(), arena) == {3}
+    assert reported_pages(tracker.scan(), arena) == set()
+    view[3 * arena.page_size] = 2
+    assert reported_pages(tracker.scan(), arena) == {3}
+    assert reported_pages(tracker.scan(), arena) == set()
+
+
+def test_reset_false_reports_without_rearming(tracker, arena):
+    numpy.asarray(arena)[9 * arena.page_size] = 1
+    assert reported_pages(tracker.scan(reset=False), arena) == {9}
+    cards = gctrack.CardTable.for_arena(arena)
+    assert tracker.collect(cards, reset=False).pages == 1
+    assert reported_pages(tracker.scan(), arena) == {9}
+    assert reported_pages(tracker.scan(), arena) == set()
+
+
+def test_tracker_reset_forgets_every_write(tracker, arena):
+    write_pages(arena, range(0, 100, 3))
+    tracker.reset()
+    assert len(tracker.scan()) == 0
+    write_pages(arena, {50})
+    assert reported_pages(tracker.scan(), arena) == {50}
+
+
+# ---- writers other than the main thread ---------------------------------------
+
+def test_writes_from_native_threads(tracker, arena):
+    pages = [list(range(0, 128, 2)), list(range(129, 256, 4))]
+    offsets = [numpy.array(p) * arena.page_size + 11 for p in pages]
+    with NativeWriters(arena, offsets):
+        pass
+    assert reported_pages(tracker.scan(), arena) == set(pages[0]) | set(pages[1])
+
+
+def test_writes_by_the_kernel_are_reported(tracker, arena):
+    """read() into the arena is a kernel write: its pages come back dirty."""
+    data = os.urandom(3 * arena.page_size)
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, data)
+    os.close(write_fd)
+    buf = memoryview(arena)[10 * arena.page_size + 100: 10 * arena.page_size + 100 + len(data)]
+    assert os.readv(read_fd, [buf]) == len(data)
+    os.close(read_fd)
+    del buf
+    assert reported_pages(tracker.scan(), arena) == {10, 11, 12, 13}
+    assert bytes(numpy.asarray(arena)[10 * arena.page_size + 100:][:len(data)]) == data
+
+
+def test_a_failed_system_call_marks_nothing(tracker, arena):
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    buf = memoryview(arena)[20 * arena.page_size: 21 * arena.page_size]
+    with pytest.raises(BlockingIOError):
+        os.readv(read_fd, [buf])
+    del buf
+    os.close(read_fd)
+    os.close(write_fd)
+    assert len(tracker.scan()) == 0
+
+
+def test_discarded_pages_are_reported_written(tracker, arena):
+    """MADV_DONTNEED drops the pages and their write-protection: the kernel
+    reports them as written, so a collector rescans them (documented)."""
+    write_pages(arena, range(30, 33))
+    tracker.scan()
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.madvise(ctypes.c_void_p(arena.address + 30 * arena.page_size),
+                      ctypes.c_size_t(3 * arena.page_size), mmap.MADV_DONTNEED)
+    assert rc == 0, os.strerror(ctypes.get_errno())
+    assert not numpy.asarray(arena)[30 * arena.page_size: 33 * arena.page_size].any()
+    assert reported_pages(tracker.scan(), arena) == {30, 31, 32}
+
+
+# ---- pagination: many regions, small vectors, max_pages -----------------------
+
+def test_more_than_512_regions_in_one_pass(page_size):
+    require("pagemap_scan")
+    with gctrack.Arena(4096 * page_size) as a, gctrack.Tracker(a, backend="pagemap_scan") as t:
+        written = set(range(0, a.num_pages, 2))            # 2048 separate regions
+        write_pages(a, written)
+        cards = gctrack.CardTable.for_arena(a, card_size=page_size)
+        stats = t.collect(cards)
+        assert (stats.regions, stats.pages) == (2048, 2048)
+        assert pages_of(cards, a) == written
+        assert len(t.scan()) == 0
+
+
+@pytest.mark.parametrize("vector_len", [1, 2, 7, 100])
+def test_a_small_output_vector_loses_nothing(arena, vector_len):
+    require("pagemap_scan")
+    with gctrack.Tracker(arena, backend="pagemap_scan", vector_len=vector_len) as t:
+        written = set(range(1, arena.num_pages, 3)) | set(range(100, 140))
+        write_pages(arena, written)
+        regions = t.scan()
+        assert reported_pages(regions, arena) == written
+        numpy.testing.assert_array_equal(numpy.sort(regions["start"]), regions["start"])
+        write_pages(arena, written)
+        cards = gctrack.CardTable.for_arena(arena, card_size=64)
+        stats = t.collect(cards)
+        assert stats.calls >= -(-stats.regions // vector_len)
+        assert pages_of(cards, arena) == written
+        assert len(t.scan()) == 0
+
+
+@pytest.mark.parametrize("max_pages", [1, 5, 64])
+def test_max_pages_reports_the_first_pages_and_keeps_the_rest(arena, max_pages):
+    require("pagemap_scan")
+    with gctrack.Tracker(arena, backend="pagemap_scan", vector_len=4) as t:
+        written = sorted(set(range(0, 200, 3)) | set(range(40, 60)))
+        write_pages(arena, written)
+        seen = []
+        while True:
+            regions = t.scan(max_pages=max_pages)
+            pages = sorted(reported_pages(regions, arena))
+            assert len(pages) <= max_pages
+            if not pages:
+                break
+            seen.extend(pages)
+        assert seen == written            # in address order, each exactly once
+
+
+def test_max_pages_without_reset_reports_but_keeps(tracker, arena):
+    write_pages(arena, range(10))
+    assert len(reported_pages(tracker.scan(reset=False, max_pages=4), arena)) == 4
+    assert reported_pages(tracker.scan(), arena) == set(range(10))
+
+
+# ---- card sizes ------------------------------------------------------------------
+
+@pytest.mark.parametrize("card_size", [64, 128, 512, 4096, 8192, 65536])
+def test_card_sizes_map_onto_pages(arena, tracker, card_size):
+    pages = {0, 1, 17, 18, 19, 100, 255}
+    write_pages(arena, pages, offset_in_page=arena.page_size - 1)
+    cards = gctrack.CardTable.for_arena(arena, card_size)
+    stats = tracker.collect(cards)
+    assert stats.pages == len(pages)
+    expected = set()
+    for page in pages:
+        first = page * arena.page_size // card_size
+        last = ((page + 1) * arena.page_size - 1) // card_size
+        expected.update(range(first, last + 1))
+    assert set(cards.indices().tolist()) == expected
+
+
+def test_collect_ors_into_existing_cards(tracker, arena):
+    cards = gctrack.CardTable.for_arena(arena)
+    cards.mark_range(arena.address, 1)
+    write_pages(arena, {50})
+    tracker.collect(cards)
+    assert cards.is_dirty(arena.address) and cards.is_dirty(arena.address + 50 * arena.page_size)
+
+
+def test_a_table_wider_than_the_arena_is_fine(tracker, arena):
+    cards = gctrack.CardTable(arena.address - 4 * arena.page_size, arena.size + 8 * arena.page_size)
+    write_pages(arena, {0})
+    tracker.collect(cards)
+    assert cards.indices().tolist()[0] == 4 * arena.page_size // cards.card_size
+
+
+# ---- the property --------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sets(st.integers(0, 255), max_size=256), min_size=1, max_size=4),
+       st.sampled_from([1, 3, 16, 4096]))
+def test_reported_equals_written_at_page_granularity(arena, rounds, vector_len):
+    require("pagemap_scan")
+    with gctrack.Tracker(arena, backend="pagemap_scan", vector_len=vector_len) as t:
+        for written in rounds:
+            write_pages(arena, written, offset_in_page=len(written) % arena.page_size)
+            assert reported_pages(t.scan(), arena) == written
+
+
+# ---- misuse ---------------------------------------------------------------------
+
+def test_bad_inputs(tracker, arena, page_size):
+    with pytest.raises(TypeError):
+        tracker.collect(numpy.zeros(8, numpy.uint64))
+    with gctrack.Arena(page_size) as other:
+        with pytest.raises(ValueError, match="outside the card table"):
+            tracker.collect(gctrack.CardTable.for_arena(other))
+    with pytest.raises(ValueError):
+        tracker.scan(max_pages=-1)
+    with pytest.raises(TypeError):
+        tracker.scan(max_pages="3")
+    with pytest.raises(ValueError):
+        gctrack.Tracker(arena, backend="pagemap_scan", vector_len=0)
+    with pytest.raises(TypeError):
+        gctrack.Tracker(None)
+    for interval in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            tracker.start(interval)
+    assert not tracker.running
+
+
+def test_a_second_tracker_on_the_same_arena_is_refused(tracker, arena):
+    with pytest.raises(gctrack.TrackerError) as info:
+        gctrack.Tracker(arena, backend="pagemap_scan")
+    assert info.value.errno == 16 and info.value.operation == "UFFDIO_REGISTER"
+    write_pages(arena, {1})                        # the first tracker is undisturbed
+    assert reported_pages(tracker.scan(), arena) == {1}
+
+
+def test_closed_tracker_refuses_use_and_close_is_idempotent(arena):
+    require("pagemap_scan")
+    t = gctrack.Tracker(arena, backend="pagemap_scan")
+    t.close()
+    t.close()
+    assert t.closed and "closed" in repr(t)
+    cards = gctrack.CardTable.for_arena(arena)
+    for use in (lambda: t.collect(cards), t.scan, t.reset, t.start, t.stop,
+                lambda: t.drain(cards)):
+        with pytest.raises(ValueError, match="closed"):
+            use()
+
+
+def test_after_close_the_arena_is_writable_and_can_be_tracked_again(arena):
+    require("pagemap_scan")
+    with gctrack.Tracker(arena, backend="pagemap_scan"):
+        pass
+    numpy.asarray(arena)[:] = 3                     # no fault, no hang
+    with gctrack.Tracker(arena, backend="pagemap_scan") as again:
+        write_pages(arena, {4})
+        assert reported_pages(again.scan(), arena) == {4}
+
+
+def test_backend_instance_must_belong_to_the_arena(arena, page_size):
+    require("pagemap_scan")
+    from gctrack.pagemap_scan import PagemapScanBackend
+    with gctrack.Arena(page_size) as other:
+        backend = PagemapScanBackend(other)
+        with pytest.raises(ValueError, match="different arena"):
+            gctrack.Tracker(arena, backend=backend)
+        with gctrack.Tracker(other, backend=backend) as t:
+            assert t.backend == "pagemap_scan"
