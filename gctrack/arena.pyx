@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Arena: the page-aligned anonymous mapping whose writes gctrack tracks."""
 import operator
 

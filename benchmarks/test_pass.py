@@ -1,0 +1,94 @@
+"""collect() against the raw C pass: PAGEMAP_SCAN with WP, regions to card bits.
+
+Both arm their own pre-faulted arena of the same size; each round writes one
+byte into every k-th page (outside the timing), then times one pass.
+Run: pytest benchmarks/test_pass.py --benchmark-columns=median,iqr,rounds
+"""
+import ctypes
+
+import numpy
+import pytest
+
+import gctrack
+from conftest import MiB, require_pagemap_scan, written_offsets
+
+SIZES = {"256MiB": 256 * MiB, "1GiB": 1024 * MiB}
+FRACTIONS = [0.001, 0.01, 0.1, 1.0]
+CARD_SIZE = 512
+VECTOR_LEN = 4096
+
+
+class RawArena:
+    """An arena armed and scanned by raw_pass.c alone."""
+
+    def __init__(self, lib, size):
+        self.lib = lib
+        self.arena = gctrack.Arena(size)
+        self.arena.prefault()
+        self.uffd = lib.raw_arm(self.arena.address, self.arena.size)
+        assert self.uffd >= 0, f"raw_arm failed: errno {-self.uffd}"
+        self.pagemap = open("/proc/self/pagemap", "rb", buffering=0)
+        self.vec = numpy.zeros(VECTOR_LEN * 3, dtype=numpy.uint64)
+        self.cards = numpy.zeros(-(-size // CARD_SIZE // 64), dtype=numpy.uint64)
+
+    def run_pass(self):
+        pages = self.lib.raw_pass(self.pagemap.fileno(), self.arena.address,
+                                  self.arena.address + self.arena.size,
+                                  self.vec.ctypes.data, VECTOR_LEN, self.cards.ctypes.data,
+                                  self.arena.address, CARD_SIZE.bit_length() - 1)
+        assert pages >= 0
+        return pages
+
+    def close(self):
+        import os
+        os.close(self.uffd)
+        self.pagemap.close()
+        self.arena.close()
+
+
+class LibraryArena:
+    """The same, through gctrack.Tracker.collect()."""
+
+    def __init__(self, size):
+        self.arena = gctrack.Arena(size)
+        self.arena.prefault()
+        self.tracker = gctrack.Tracker(self.arena, backend="pagemap_scan", vector_len=VECTOR_LEN)
+        self.card_table = gctrack.CardTable.for_arena(self.arena, CARD_SIZE)
+        self.cards = self.card_table.words
+
+    def run_pass(self):
+        return self.tracker.collect(self.card_table).pages
+
+    def close(self):
+        self.tracker.close()
+        self.arena.close()
+
+
+@pytest.fixture(scope="module", params=list(SIZES))
+def arenas(request, raw_c):
+    require_pagemap_scan()
+    size = SIZES[request.param]
+    pair = {"gctrack": LibraryArena(size), "raw_c": RawArena(raw_c, size)}
+    for side in pair.values():
+        side.run_pass()                        # start clean
+    yield request.param, pair
+    for side in pair.values():
+        side.close()
+
+
+@pytest.mark.parametrize("impl", ["gctrack", "raw_c"])
+@pytest.mark.parametrize("fraction", FRACTIONS, ids=lambda f: f"{f:.1%}")
+def test_collect_pass(benchmark, arenas, fraction, impl):
+    size_name, pair = arenas
+    side = pair[impl]
+    offsets = written_offsets(side.arena, fraction)
+    view = numpy.asarray(side.arena)
+    benchmark.group = f"pass {size_name} {fraction:.1%} written"
+
+    def dirty_the_pages():
+        view[offsets] += 1
+        side.cards[:] = 0
+
+    pages = benchmark.pedantic(side.run_pass, setup=dirty_the_pages, rounds=15, iterations=1,
+                               warmup_rounds=1)
+    assert pages == len(offsets)

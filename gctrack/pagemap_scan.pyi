@@ -1,0 +1,8 @@
+from gctrack.arena import Arena
+from gctrack.backend import Backend
+
+REQUIRED_FEATURES: int
+DEFAULT_VECTOR_LEN: int
+
+class PagemapScanBackend(Backend):
+    def __init__(self, arena: Arena, vector_len: int = ...) -> None: ...
