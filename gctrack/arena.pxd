@@ -12,6 +12,7 @@ cdef class Arena:
     cdef Py_ssize_t pins     # exported buffers + live trackers; unmapping waits for 0
     cdef readonly bint closed
     cdef readonly bint huge_pages
+    cdef public object armed_by      # name of the backend tracking it, or None
 
     cdef int map_aligned(self, size_t align) except -1
     cdef int advise(self) except -1

@@ -34,10 +34,33 @@ ctypedef struct BackendCore:
                     RegionSink *sink, PassCounts *counts) noexcept nogil
     # Re-arm the whole range without reporting anything; 0 or -errno.
     int (*rearm)(BackendCore *core) noexcept nogil
+    # Declare a write to [start, end) (inside the range), so the next pass
+    # reports it; for the software backend this is the write barrier.
+    int (*record)(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil
     const char *failed_operation    # set with every error return
     uintptr_t start
     uintptr_t end
     size_t granularity              # bytes one report stands for (page size)
+
+
+cdef extern from *:
+    """
+    static inline void gct_touch_byte(volatile char *p) {
+        __atomic_fetch_add((char *)p, 0, __ATOMIC_RELAXED);
+    }
+    """
+    void gct_touch_byte(char *p) nogil
+
+
+cdef inline int touch_pages(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil:
+    """record() for the kernel-level backends: a harmless atomic write to
+    each page, which the backend's own mechanism then catches and reports.
+    Afterwards the pages are writable, by the kernel too (read() into them)."""
+    cdef uintptr_t addr = start & ~(<uintptr_t>core.granularity - 1)
+    while addr < end:
+        gct_touch_byte(<char *>addr)
+        addr += core.granularity
+    return 0
 
 
 cdef class Backend:
@@ -45,6 +68,8 @@ cdef class Backend:
     cdef BackendCore *core
     cdef readonly str name
     cdef readonly object arena       # None once closed
+    cdef long owner_pid              # the process that armed it (threads live there)
     cdef int attach(self, object arena) except -1
     cdef void detach(self) noexcept
     cdef void release(self) noexcept
+    cdef bint forked(self) noexcept

@@ -1,6 +1,12 @@
 # cython: language_level=3
 """Backend: the base of every tracking mechanism (see backend.pxd)."""
+import errno
+
+from posix.unistd cimport getpid
+
 from gctrack.arena cimport Arena
+
+from gctrack.errors import TrackerError
 
 
 cdef class Backend:
@@ -10,15 +16,34 @@ cdef class Backend:
     """
 
     cdef int attach(self, object arena) except -1:
-        (<Arena?>arena).pin()
-        self.arena = arena
+        """Pin the arena and claim it: one armed backend per arena."""
+        cdef Arena claimed = <Arena?>arena
+        claimed.check_open()
+        if claimed.armed_by is not None:
+            raise TrackerError(errno.EBUSY, f"arming {self.name}",
+                               f"the arena is already tracked by {claimed.armed_by}")
+        claimed.pin()
+        claimed.armed_by = self.name
+        self.arena = claimed
+        self.owner_pid = getpid()
         return 0
+
+    cdef bint forked(self) noexcept:
+        """True in a child of the process that armed this backend: its
+        threads do not exist here, so there is nothing to join."""
+        return self.owner_pid != 0 and getpid() != self.owner_pid
 
     cdef void detach(self) noexcept:
         cdef Arena arena = <Arena?>self.arena if self.arena is not None else None
         self.arena = None
         if arena is not None:
+            arena.armed_by = None
             arena.unpin()
+
+    @property
+    def atomic_passes(self):
+        """Whether a pass reports and re-arms atomically, so that it may race writers."""
+        return True
 
     cdef void release(self) noexcept:
         self.detach()

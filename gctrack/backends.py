@@ -4,15 +4,26 @@ from __future__ import annotations
 from gctrack import probe
 from gctrack.backend import Backend
 from gctrack.errors import UnsupportedError
+from gctrack.mprotect import MprotectBackend
 from gctrack.pagemap_scan import DEFAULT_VECTOR_LEN, PagemapScanBackend
+from gctrack.soft_dirty import SoftDirtyBackend
+from gctrack.software import SoftwareBackend
+from gctrack.uffd_sync import UffdSyncBackend
 
 #: Every backend by name.
 BACKENDS = {
     "pagemap_scan": PagemapScanBackend,
+    "mprotect": MprotectBackend,
+    "uffd_sync": UffdSyncBackend,
+    "soft_dirty": SoftDirtyBackend,
+    "software": SoftwareBackend,
 }
 
-#: What "auto" tries, best first: the cheapest pass and first write measured here.
-AUTO_ORDER = ("pagemap_scan",)
+#: What "auto" tries, best first (benchmarks/test_backends.py measures it):
+#: the cheapest first write and pass, then the cheaper first write.
+#: "software" is never chosen for you: it sees only the stores that call
+#: its barrier.
+AUTO_ORDER = ("pagemap_scan", "mprotect", "uffd_sync", "soft_dirty")
 
 
 def resolve(name: str) -> str:

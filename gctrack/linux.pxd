@@ -35,6 +35,14 @@ cdef extern from "gctrack/linux_abi.h" nogil:
         uint64_t features
         uint64_t ioctls
 
+    const int GCT_UFFD_EVENT_PAGEFAULT
+    const uint64_t GCT_UFFD_PAGEFAULT_FLAG_WP
+
+    struct gct_uffd_msg:
+        unsigned char event
+        uint64_t pagefault_flags
+        uint64_t pagefault_address
+
     struct gct_uffdio_range:
         uint64_t start
         uint64_t len

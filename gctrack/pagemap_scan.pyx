@@ -5,6 +5,8 @@ Writes to the armed range are resolved by the kernel itself (no fault
 handler); one PAGEMAP_SCAN call with PM_SCAN_WP_MATCHING reports the pages
 written since the last pass and re-protects them atomically.
 """
+import operator
+
 from libc.errno cimport errno, EBUSY
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
@@ -13,7 +15,7 @@ from posix.fcntl cimport open as c_open, O_RDONLY, O_CLOEXEC, O_NONBLOCK
 from posix.unistd cimport close
 
 from gctrack.arena cimport Arena
-from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink
+from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink, touch_pages
 from gctrack.linux cimport (
     gct_page_region, gct_pm_scan_arg, GCT_UFFD_USER_MODE_ONLY,
     GCT_UFFD_FEATURE_WP_ASYNC, GCT_UFFD_FEATURE_WP_UNPOPULATED, GCT_PAGE_IS_WRITTEN,
@@ -117,22 +119,24 @@ cdef class PagemapScanBackend(Backend):
     cdef PagemapScanCore c
 
     def __cinit__(self, Arena arena not None, vector_len=DEFAULT_VECTOR_LEN):
+        vector_len = operator.index(vector_len)
         if vector_len < 1:
             raise ValueError(f"vector_len must be >= 1, got {vector_len}")
         self.name = "pagemap_scan"
         self.c.uffd = -1
         self.c.pagemap_fd = -1
+        self.attach(arena)
         self.c.base.run_pass = scan_pass
         self.c.base.rearm = rearm_all
+        self.c.base.record = touch_pages
         self.c.base.start = <uintptr_t>arena.base
         self.c.base.end = <uintptr_t>arena.base + arena.size
         self.c.base.granularity = arena.page_size
         self.c.vec_len = vector_len
-        self.attach(arena)
-        self.c.vec = <gct_page_region *>malloc(self.c.vec_len * sizeof(gct_page_region))
-        if self.c.vec == NULL:
-            raise MemoryError()
         try:
+            self.c.vec = <gct_page_region *>malloc(self.c.vec_len * sizeof(gct_page_region))
+            if self.c.vec == NULL:
+                raise MemoryError()
             self.arm()
         except BaseException:
             self.release()

@@ -33,13 +33,21 @@ class Features:
     userfaultfd: Support
     wp_async: Support
     pagemap_scan: Support
+    uffd_sync: Support
+    mprotect: Support
     soft_dirty: Support
     transparent_hugepages: Support
 
     @property
     def backends(self) -> dict[str, Support]:
         """Availability of each backend, by backend name."""
-        return {"pagemap_scan": self.pagemap_scan}
+        return {
+            "pagemap_scan": self.pagemap_scan,
+            "mprotect": self.mprotect,
+            "uffd_sync": self.uffd_sync,
+            "soft_dirty": self.soft_dirty,
+            "software": SOFTWARE,
+        }
 
     def table(self) -> str:
         """A human-readable table, one mechanism a line."""
@@ -51,6 +59,9 @@ class Features:
                 rows.append((field.name, f"{mark:4}{value.reason}"))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {text}" for name, text in rows)
+
+
+SOFTWARE = Support(True, "always: the writers call the barrier themselves")
 
 
 def _denied(call: str, err: int) -> str:
@@ -77,17 +88,16 @@ def probe_userfaultfd() -> tuple[Support, Support]:
     return uffd, Support(True, "UFFD_FEATURE_WP_ASYNC and WP_UNPOPULATED offered")
 
 
-def probe_pagemap_scan(wp_async: Support) -> Support:
-    """Arm a scratch arena, write one page, and check that exactly it is reported."""
-    if not wp_async:
-        return Support(False, "needs userfaultfd WP_ASYNC", wp_async.errno)
+def prove_backend(name: str) -> Support:
+    """Arm a scratch arena with the backend, write one page, and check that
+    exactly it is reported, once."""
     from gctrack.arena import Arena
-    from gctrack.pagemap_scan import PagemapScanBackend
+    from gctrack.backends import BACKENDS
     from gctrack.tracker import Tracker
 
     try:
         with Arena(4 * os.sysconf("SC_PAGESIZE")) as arena:
-            with Tracker(arena, backend=PagemapScanBackend(arena)) as tracker:
+            with Tracker(arena, backend=BACKENDS[name](arena)) as tracker:
                 written = arena.address + arena.page_size
                 numpy.asarray(arena)[arena.page_size] = 1
                 first, second = tracker.scan(), tracker.scan()
@@ -96,7 +106,19 @@ def probe_pagemap_scan(wp_async: Support) -> Support:
     expected = [(written, written + arena.page_size)]
     if [(int(r["start"]), int(r["end"])) for r in first] != expected or len(second):
         return Support(False, f"one written page came back as {first.tolist()} then {second.tolist()}")
-    return Support(True, "one written page reported once, then re-protected")
+    return Support(True, "one written page reported once, then re-armed")
+
+
+def probe_pagemap_scan(wp_async: Support) -> Support:
+    if not wp_async:
+        return Support(False, "needs userfaultfd WP_ASYNC", wp_async.errno)
+    return prove_backend("pagemap_scan")
+
+
+def probe_uffd_sync(uffd: Support) -> Support:
+    if not uffd:
+        return Support(False, "needs userfaultfd", uffd.errno)
+    return prove_backend("uffd_sync")
 
 
 def _pagemap_entry(address: int, page_size: int) -> int:
@@ -126,7 +148,7 @@ def probe_soft_dirty(page_size: int) -> Support:
         return Support(False, "a written page never shows bit 55: kernel built without CONFIG_MEM_SOFT_DIRTY")
     if not os.access("/proc/self/clear_refs", os.W_OK):
         return Support(False, "/proc/self/clear_refs is not writable")
-    return Support(True, "a written page shows bit 55")
+    return prove_backend("soft_dirty")
 
 
 def probe_transparent_hugepages() -> Support:
@@ -150,6 +172,8 @@ def features() -> Features:
         userfaultfd=uffd,
         wp_async=wp_async,
         pagemap_scan=probe_pagemap_scan(wp_async),
+        uffd_sync=probe_uffd_sync(uffd),
+        mprotect=prove_backend("mprotect"),
         soft_dirty=probe_soft_dirty(page_size),
         transparent_hugepages=probe_transparent_hugepages(),
     )

@@ -37,15 +37,17 @@ cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noex
 cdef class Tracker:
     cdef TrackerCore core
     cdef readonly Arena arena
-    cdef Backend backend_object
+    cdef readonly Backend backend_object   # the armed mechanism (name: .backend)
     cdef CardTable accumulated_table  # owns core.accumulated.words
     cdef pthread_t thread
     cdef bint thread_alive
     cdef bint sync_ready              # lock and cond initialised
     cdef readonly bint closed
+    cdef long owner_pid               # passes run only in the process that armed it
 
     cdef int check_usable(self) except -1
     cdef int check_not_running(self) except -1
+    cdef int check_in_arena(self, object addr, object length) except -1
     cdef CardBits *cards_for_arena(self, object cards) except NULL
     cdef int join_loop(self) except -1
     cdef int raise_loop_error(self) except -1

@@ -6,13 +6,16 @@ are written here once, against the C-level BackendCore interface, so every
 backend gets the same loop and the same drain semantics.
 """
 import math
+import operator
 
 import numpy
 
-from libc.errno cimport ENOMEM
+from libc.errno cimport errno, ENOMEM
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset
+from posix.mman cimport madvise, MADV_DONTNEED
+from posix.unistd cimport getpid
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from gctrack.arena cimport Arena
@@ -188,6 +191,7 @@ cdef class Tracker:
     def __cinit__(self, Arena arena not None, *, backend="auto", vector_len=None):
         arena.check_open()
         self.arena = arena
+        self.owner_pid = getpid()
         self.backend_object = backends.create(backend, arena, vector_len)
         self.core.backend = self.backend_object.core
         if pthread_mutex_init(&self.core.lock, NULL) != 0:
@@ -203,7 +207,7 @@ cdef class Tracker:
         self.core.accumulated = self.accumulated_table.bits
 
     def __dealloc__(self):
-        if self.thread_alive:
+        if self.thread_alive and getpid() == self.owner_pid:
             pthread_mutex_lock(&self.core.lock)
             self.core.running = False
             pthread_cond_signal(&self.core.wake)
@@ -231,6 +235,11 @@ cdef class Tracker:
     cdef int check_usable(self) except -1:
         if self.closed:
             raise ValueError("tracker is closed")
+        if getpid() != self.owner_pid:
+            # Its descriptors still name the parent's memory: a pass here
+            # would re-arm the parent's pages and steal its reports.
+            raise RuntimeError(f"this tracker belongs to process {self.owner_pid}; "
+                               "after fork() the child must arm its own")
         return 0
 
     cdef int check_not_running(self) except -1:
@@ -307,11 +316,61 @@ cdef class Tracker:
             pthread_mutex_unlock(&self.core.lock)
         raise_for_backend(rc, self.core.backend)
 
+    def record(self, addr, length):
+        """Declare a write to [addr, addr + length) so that the next pass reports it.
+
+        For the software backend this is the write barrier. For the others it
+        is a harmless atomic store to each page, which the mechanism catches;
+        afterwards the kernel can write there too (read() into an mprotect
+        arena fails with EFAULT without it).
+        """
+        self.check_usable()
+        self.check_in_arena(addr, length)
+        cdef uintptr_t first = addr
+        cdef uintptr_t end = first + <size_t>length
+        cdef int rc
+        with nogil:
+            rc = self.core.backend.record(self.core.backend, first, end)
+        raise_for_backend(rc, self.core.backend)
+
+    cdef int check_in_arena(self, object addr, object length) except -1:
+        addr = operator.index(addr)
+        length = operator.index(length)
+        if addr < 0 or length < 0:
+            raise ValueError(f"address and length must be non-negative, got {addr}, {length}")
+        cdef uintptr_t start = <uintptr_t>self.arena.base
+        if addr < start or addr + length > start + self.arena.size:
+            raise ValueError(f"[{addr:#x}, {addr + length:#x}) is outside the arena "
+                             f"[{start:#x}, {start + self.arena.size:#x})")
+        return 0
+
+    def discard(self, addr, length):
+        """Give [addr, addr + length) back to the kernel (MADV_DONTNEED) and
+        record it, so the next pass reports it and every backend re-arms it.
+
+        ``addr`` must be page-aligned; the pages read as zero afterwards.
+        """
+        self.check_usable()
+        if operator.index(addr) % self.arena.page_size:
+            raise ValueError(f"discard needs a page-aligned address, got {addr:#x}")
+        self.check_in_arena(addr, length)
+        cdef uintptr_t start = addr
+        cdef size_t size = length
+        cdef int rc
+        with nogil:
+            rc = madvise(<void *>start, size, MADV_DONTNEED)
+        if rc:
+            raise TrackerError(errno, "madvise", "MADV_DONTNEED")
+        self.record(addr, length)
+
     def start(self, interval=0.001):
         """Run reset passes every ``interval`` seconds in a native thread."""
         self.check_usable()
         if self.thread_alive:
             raise RuntimeError("the background pass loop is already running")
+        if not self.backend_object.atomic_passes:
+            raise ValueError(f"{self.backend} passes are not atomic: a background loop "
+                             "racing the writers would lose writes")
         interval = float(interval)
         if not (interval > 0 and math.isfinite(interval)):
             raise ValueError(f"interval must be a positive number of seconds, got {interval}")
@@ -385,7 +444,9 @@ cdef class Tracker:
         """Stop the loop and disarm the backend. Idempotent; the arena stays usable."""
         if self.closed:
             return
-        self.join_loop()
+        if getpid() == self.owner_pid:
+            self.join_loop()
+        self.thread_alive = False    # in a forked child the loop thread never existed
         self.closed = True
         self.backend_object.close()
         self.core.backend = NULL

@@ -20,9 +20,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+#: The backends that track at page granularity through the kernel.
+PAGE_BACKENDS = ["pagemap_scan", "uffd_sync", "mprotect", "soft_dirty"]
+#: Those whose passes are atomic, so that they may race native writers.
+RACING_BACKENDS = ["pagemap_scan", "uffd_sync", "mprotect"]
+
+
 def require(mechanism: str) -> None:
     """Skip the calling test, with the probe's reason, unless ``mechanism`` works here."""
-    support = getattr(gctrack.features(), mechanism)
+    support = gctrack.features().backends.get(mechanism) or getattr(gctrack.features(), mechanism)
     if not support:
         pytest.skip(f"{mechanism} unavailable: {support.reason}")
 
@@ -38,10 +44,16 @@ def arena():
         yield a
 
 
+@pytest.fixture(params=PAGE_BACKENDS)
+def backend(request) -> str:
+    """Each page-granular backend in turn, skipped with the probe's reason where missing."""
+    require(request.param)
+    return request.param
+
+
 @pytest.fixture
-def tracker(arena):
-    require("pagemap_scan")
-    with gctrack.Tracker(arena, backend="pagemap_scan") as t:
+def tracker(arena, backend):
+    with gctrack.Tracker(arena, backend=backend) as t:
         yield t
 
 

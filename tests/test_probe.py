@@ -16,8 +16,8 @@ def test_features_is_cached_and_complete():
     assert f is gctrack.features()
     assert f.page_size > 0 and f.page_size & (f.page_size - 1) == 0
     assert f.kernel_release
-    for support in (f.userfaultfd, f.wp_async, f.pagemap_scan, f.soft_dirty,
-                    f.transparent_hugepages):
+    for support in (f.userfaultfd, f.wp_async, f.pagemap_scan, f.uffd_sync, f.mprotect,
+                    f.soft_dirty, f.transparent_hugepages, *f.backends.values()):
         assert isinstance(support, Support)
         assert support.reason, "every finding carries a one-line reason"
         assert "\n" not in support.reason
@@ -50,7 +50,8 @@ def test_soft_dirty_finding_matches_the_pagemap_bit(page_size):
 
 def test_table_lists_every_mechanism():
     table = gctrack.features().table()
-    for name in ("userfaultfd", "wp_async", "pagemap_scan", "soft_dirty", "page size"):
+    for name in ("userfaultfd", "wp_async", "pagemap_scan", "uffd_sync", "mprotect",
+                 "soft_dirty", "page size"):
         assert name in table
 
 
@@ -72,8 +73,26 @@ def test_unavailable_backend_raises_unsupported_with_the_probe_reason(monkeypatc
     assert info.value.errno == 25
     assert info.value.mechanism == "pagemap_scan"
     assert isinstance(info.value, OSError)
-    with pytest.raises(gctrack.UnsupportedError, match="kernel older than 6.7"):
+    with gctrack.Tracker(arena, backend="auto") as fallback:
+        assert fallback.backend == next(n for n in backends.AUTO_ORDER if fake.backends[n])
+    nothing = Features(**{**real.__dict__, **{n: missing for n in backends.AUTO_ORDER}})
+    monkeypatch.setattr(backends.probe, "features", lambda: nothing)
+    with pytest.raises(gctrack.UnsupportedError, match="kernel older than 6.7") as info:
         gctrack.Tracker(arena, backend="auto")
+    assert all(name in info.value.reason for name in backends.AUTO_ORDER)
+
+
+def test_every_registered_backend_has_a_finding():
+    assert set(gctrack.features().backends) == set(gctrack.BACKENDS)
+    assert set(gctrack.AUTO_ORDER) <= set(gctrack.BACKENDS)
+
+
+def test_a_missing_backend_raises_unsupported_with_its_reason(arena):
+    for name, support in gctrack.features().backends.items():
+        if not support:
+            with pytest.raises(gctrack.UnsupportedError) as info:
+                gctrack.Tracker(arena, backend=name)
+            assert info.value.reason == support.reason and info.value.mechanism == name
 
 
 def test_unknown_backend_names_are_rejected(arena):

@@ -56,6 +56,20 @@ struct gct_uffdio_writeprotect {
     uint64_t mode;
 };
 
+#define GCT_UFFD_EVENT_PAGEFAULT 0x12
+#define GCT_UFFD_PAGEFAULT_FLAG_WP (1ull << 1)
+
+/* A message read from a (synchronous) userfaultfd; only page faults are used. */
+struct gct_uffd_msg {
+    uint8_t event;
+    uint8_t reserved1;
+    uint16_t reserved2;
+    uint32_t reserved3;
+    uint64_t pagefault_flags;
+    uint64_t pagefault_address;
+    uint64_t pagefault_feat;
+};
+
 #define GCT_UFFDIO_API _IOWR(0xAA, 0x3F, struct gct_uffdio_api)
 #define GCT_UFFDIO_REGISTER _IOWR(0xAA, 0x00, struct gct_uffdio_register)
 #define GCT_UFFDIO_UNREGISTER _IOR(0xAA, 0x01, struct gct_uffdio_range)
@@ -106,6 +120,7 @@ struct gct_pm_scan_arg {
 _Static_assert(sizeof(struct gct_uffdio_api) == 24, "uffdio_api layout");
 _Static_assert(sizeof(struct gct_uffdio_register) == 32, "uffdio_register layout");
 _Static_assert(sizeof(struct gct_uffdio_writeprotect) == 24, "uffdio_writeprotect layout");
+_Static_assert(sizeof(struct gct_uffd_msg) == 32, "uffd_msg layout");
 _Static_assert(sizeof(struct gct_page_region) == 24, "page_region layout");
 _Static_assert(sizeof(struct gct_pm_scan_arg) == 96, "pm_scan_arg layout");
 

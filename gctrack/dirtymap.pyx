@@ -1,0 +1,139 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The shared pass of the backends that record writes one at a time (see dirtymap.pxd)."""
+from libc.errno cimport ENOMEM
+from libc.stdint cimport uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memset
+
+from gctrack.backend cimport PassCounts, RegionSink
+from gctrack.linux cimport gct_page_region, GCT_PAGE_IS_WRITTEN
+
+
+
+cdef int dirtymap_init(DirtyMap *m, uintptr_t base, size_t size, unsigned unit_shift,
+                       unsigned page_shift) noexcept nogil:
+    m.base = base
+    m.size = size
+    m.unit_shift = unit_shift
+    m.page_shift = page_shift
+    m.num_units = (size + (<size_t>1 << unit_shift) - 1) >> unit_shift
+    m.num_words = (m.num_units + 63) >> 6
+    m.words = <uint64_t *>calloc(m.num_words if m.num_words else 1, sizeof(uint64_t))
+    return 0 if m.words != NULL else -ENOMEM
+
+
+cdef void dirtymap_free(DirtyMap *m) noexcept nogil:
+    free(m.words)
+    m.words = NULL
+
+
+cdef void dirtymap_clear(DirtyMap *m) noexcept nogil:
+    cdef size_t w
+    for w in range(m.num_words):
+        gct_bits_clear(&m.words[w], ~<uint64_t>0)
+
+
+cdef inline uint64_t lowest_bits(uint64_t x, uint64_t k) noexcept nogil:
+    """The k lowest set bits of x."""
+    cdef uint64_t kept = 0, bit
+    while k and x:
+        bit = x & (~x + 1)
+        kept |= bit
+        x ^= bit
+        k -= 1
+    return kept
+
+
+ctypedef struct PassState:
+    DirtyMap *map
+    bint reset
+    RegionSink *sink
+    PassCounts *counts
+    const char **failed_operation
+    gct_page_region batch[256]
+    size_t batched
+
+
+cdef int emit_batch(PassState *p) noexcept nogil:
+    cdef int rc = 0
+    if p.batched:
+        rc = p.sink.emit(p.sink.ctx, p.batch, p.batched)
+        if rc:
+            p.failed_operation[0] = "collecting regions"
+        p.batched = 0
+    return rc
+
+
+cdef int flush_run(PassState *p, size_t first, size_t after) noexcept nogil:
+    """Re-protect (when resetting) and report units [first, after)."""
+    cdef DirtyMap *m = p.map
+    cdef uintptr_t start = m.base + (<uintptr_t>first << m.unit_shift)
+    cdef uintptr_t end = m.base + (<uintptr_t>after << m.unit_shift)
+    cdef uintptr_t page_mask = (<uintptr_t>1 << m.page_shift) - 1
+    cdef int rc
+    if end > m.base + m.size:
+        end = m.base + m.size
+    if p.reset and m.protect != NULL:
+        rc = m.protect(m.protect_ctx, start, end)
+        p.counts.calls += 1
+        if rc:
+            dirtymap_record_range(m, start, end)     # keep them dirty: nothing is lost
+            p.failed_operation[0] = "re-protecting written pages"
+            return rc
+    p.batch[p.batched].start = start
+    p.batch[p.batched].end = end
+    p.batch[p.batched].categories = GCT_PAGE_IS_WRITTEN
+    p.batched += 1
+    p.counts.regions += 1
+    p.counts.pages += (((end + page_mask) & ~page_mask) - (start & ~page_mask)) >> m.page_shift
+    if p.batched == 256:
+        return emit_batch(p)
+    return 0
+
+
+cdef int dirtymap_pass(DirtyMap *m, bint reset, uint64_t max_units, RegionSink *sink,
+                       PassCounts *counts, const char **failed_operation) noexcept nogil:
+    """Take the set bits (clearing them when ``reset``), re-protect and report
+    them as coalesced regions; at most ``max_units`` units when it is > 0."""
+    cdef PassState p
+    p.map = m
+    p.reset = reset
+    p.sink = sink
+    p.counts = counts
+    p.failed_operation = failed_operation
+    p.batched = 0
+    cdef size_t w, unit, length, run_first = 0, run_after = 0
+    cdef uint64_t take, shifted, taken
+    cdef int rc
+    for w in range(m.num_words):
+        take = gct_bits_load(&m.words[w])
+        if take == 0:
+            continue
+        if max_units:
+            take = lowest_bits(take, max_units)
+        if reset:
+            gct_bits_clear(&m.words[w], take)
+        taken = gct_popcount64(take)
+        while take:
+            unit = (w << 6) + gct_ctz64(take)
+            shifted = ~(take >> (unit & 63))
+            length = 64 - (unit & 63) if shifted == 0 else <size_t>gct_ctz64(shifted)
+            take &= ~(((~<uint64_t>0) >> (64 - length)) << (unit & 63))
+            if run_after == unit and run_after != run_first:
+                run_after += length
+                continue
+            if run_after != run_first:
+                rc = flush_run(&p, run_first, run_after)
+                if rc:
+                    return rc
+            run_first = unit
+            run_after = unit + length
+        if max_units:
+            max_units -= taken
+            if max_units == 0:
+                break
+    if run_after != run_first:
+        rc = flush_run(&p, run_first, run_after)
+        if rc:
+            return rc
+    return emit_batch(&p)

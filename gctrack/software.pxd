@@ -1,0 +1,22 @@
+# cython: language_level=3
+"""Software card marking: the writer itself records every store (a write barrier)."""
+from libc.stdint cimport uintptr_t
+from gctrack.backend cimport Backend, BackendCore
+from gctrack.dirtymap cimport DirtyMap, dirtymap_record
+
+
+ctypedef struct SoftwareCore:
+    BackendCore base            # first, so a BackendCore* is a SoftwareCore*
+    DirtyMap dirty              # one bit per 64-byte card
+
+
+cdef inline void software_write_barrier(SoftwareCore *core, uintptr_t addr) noexcept nogil:
+    """The card-marking barrier: call after (or before) every store to addr.
+
+    addr must lie inside the tracked arena. Safe from any thread, no GIL.
+    """
+    dirtymap_record(&core.dirty, addr)
+
+
+cdef class SoftwareBackend(Backend):
+    cdef SoftwareCore c

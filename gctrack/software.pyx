@@ -1,0 +1,60 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Software card marking: no help from the OS.
+
+Writers report their stores themselves, through Tracker.record(addr, length)
+or, from Cython, the inline software_write_barrier() in software.pxd. Exact
+at 64-byte card granularity; a store that skips the barrier is not seen.
+"""
+from libc.stdint cimport uint64_t, uintptr_t
+
+from gctrack.arena cimport Arena
+from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink
+from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_clear,
+                               dirtymap_pass, dirtymap_record_range)
+
+#: Bytes per software card: the finest CardTable a pass can feed exactly.
+CARD_SIZE = 64
+
+
+cdef int software_pass(BackendCore *base, bint reset, uint64_t max_cards,
+                       RegionSink *sink, PassCounts *counts) noexcept nogil:
+    return dirtymap_pass(&(<SoftwareCore *>base).dirty, reset, max_cards, sink, counts,
+                         &base.failed_operation)
+
+
+cdef int clear_all(BackendCore *base) noexcept nogil:
+    dirtymap_clear(&(<SoftwareCore *>base).dirty)
+    return 0
+
+
+cdef int record_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
+    if start < end:
+        dirtymap_record_range(&(<SoftwareCore *>base).dirty, start, end)
+    return 0
+
+
+cdef class SoftwareBackend(Backend):
+    """A 64-byte-card dirty map that only the writers' barrier fills in."""
+
+    def __cinit__(self, Arena arena not None, vector_len=None):
+        self.name = "software"
+        self.attach(arena)
+        self.c.base.run_pass = software_pass
+        self.c.base.rearm = clear_all
+        self.c.base.record = record_range
+        self.c.base.start = <uintptr_t>arena.base
+        self.c.base.end = <uintptr_t>arena.base + arena.size
+        self.c.base.granularity = CARD_SIZE
+        self.c.dirty.protect = NULL
+        if dirtymap_init(&self.c.dirty, self.c.base.start, arena.size,
+                         CARD_SIZE.bit_length() - 1, arena.page_size.bit_length() - 1):
+            self.release()
+            raise MemoryError()
+        self.core = &self.c.base
+
+    cdef void release(self) noexcept:
+        dirtymap_free(&self.c.dirty)
+        self.detach()
+
+    def __dealloc__(self):
+        self.release()

@@ -1,0 +1,255 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""userfaultfd synchronous write-protect, with a native fault-handler thread.
+
+Every first write to an armed page blocks its writer and sends a message
+to the handler thread, which records the page in a DirtyMap and then
+un-protects it (waking the writer). A pass takes the recorded pages,
+re-protects them and reports them. The handler and the pass exclude each
+other with one mutex (dirtymap.pxd explains why both are needed).
+"""
+import errno as errno_codes
+
+from libc.errno cimport errno, EAGAIN, EINTR, EINVAL, EPERM, EBUSY
+from libc.stdint cimport uint64_t, uintptr_t
+from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK
+from posix.unistd cimport close, read, write
+
+from gctrack.arena cimport Arena
+from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink
+from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_clear,
+                               dirtymap_pass, dirtymap_record, dirtymap_record_range)
+from gctrack.linux cimport (gct_uffd_msg, GCT_UFFD_USER_MODE_ONLY, GCT_UFFD_EVENT_PAGEFAULT,
+                            GCT_UFFD_FEATURE_WP_UNPOPULATED, uffd_open, uffd_api,
+                            uffd_register_wp, uffd_writeprotect)
+
+from gctrack.errors import TrackerError
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum: EFD_CLOEXEC
+    enum: EFD_NONBLOCK
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_t:
+        pass
+    int pthread_create(pthread_t *thread, const void *attr,
+                       void *(*start)(void *) noexcept nogil, void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+
+
+ctypedef struct UffdSyncCore:
+    BackendCore base            # first, so a BackendCore* is a UffdSyncCore*
+    DirtyMap dirty
+    int uffd
+    int stop_fd                 # eventfd that tells the handler to exit
+    pthread_t handler
+    pthread_mutex_t exclusion     # "record + un-protect" against "take + re-protect"
+    bint handler_alive
+    int handler_error           # -errno of the last failed un-protect
+    uint64_t faults
+
+
+cdef int protect_range(void *ctx, uintptr_t start, uintptr_t end) noexcept nogil:
+    return uffd_writeprotect((<UffdSyncCore *>ctx).uffd, start, end - start, True)
+
+
+cdef void resolve_fault(UffdSyncCore *core, uint64_t address) noexcept nogil:
+    """Record the page, then un-protect it (which wakes its writer)."""
+    cdef uintptr_t page = address & ~(<uintptr_t>core.base.granularity - 1)
+    cdef int rc = -EAGAIN
+    pthread_mutex_lock(&core.exclusion)
+    dirtymap_record(&core.dirty, page)
+    while rc == -EAGAIN:       # the mm is changing under us: try again
+        rc = uffd_writeprotect(core.uffd, page, core.base.granularity, False)
+    pthread_mutex_unlock(&core.exclusion)
+    if rc:
+        core.handler_error = rc
+    core.faults += 1
+
+
+cdef void *handle_faults(void *arg) noexcept nogil:
+    cdef UffdSyncCore *core = <UffdSyncCore *>arg
+    cdef pollfd fds[2]
+    cdef gct_uffd_msg msgs[64]
+    cdef long got
+    cdef size_t i
+    fds[0].fd = core.uffd
+    fds[0].events = POLLIN
+    fds[1].fd = core.stop_fd
+    fds[1].events = POLLIN
+    while True:
+        if poll(fds, 2, -1) < 0:
+            if errno == EINTR:
+                continue
+            core.handler_error = -errno
+            return NULL
+        if fds[1].revents:
+            return NULL
+        got = read(core.uffd, msgs, sizeof(msgs))
+        if got < 0:
+            if errno == EAGAIN or errno == EINTR:
+                continue
+            core.handler_error = -errno
+            return NULL
+        for i in range(<size_t>got // sizeof(gct_uffd_msg)):
+            if msgs[i].event == GCT_UFFD_EVENT_PAGEFAULT:
+                resolve_fault(core, msgs[i].pagefault_address)
+
+
+cdef int sync_pass(BackendCore *base, bint reset, uint64_t max_pages,
+                   RegionSink *sink, PassCounts *counts) noexcept nogil:
+    cdef UffdSyncCore *core = <UffdSyncCore *>base
+    cdef int rc = core.handler_error
+    if rc:
+        core.handler_error = 0
+        base.failed_operation = "fault handler thread"
+        return rc
+    pthread_mutex_lock(&core.exclusion)
+    rc = dirtymap_pass(&core.dirty, reset, max_pages, sink, counts, &base.failed_operation)
+    pthread_mutex_unlock(&core.exclusion)
+    return rc
+
+
+cdef int record_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
+    """Mark [start, end) dirty and writable, as the handler would; the next
+    pass re-arms it. This also re-arms pages whose write-protect markers a
+    discard (MADV_DONTNEED) dropped without telling anyone."""
+    cdef UffdSyncCore *core = <UffdSyncCore *>base
+    cdef uintptr_t page_mask = base.granularity - 1
+    cdef int rc = 0
+    if start >= end:
+        return 0
+    start &= ~page_mask
+    end = (end + page_mask) & ~page_mask
+    pthread_mutex_lock(&core.exclusion)
+    dirtymap_record_range(&core.dirty, start, end)
+    rc = uffd_writeprotect(core.uffd, start, end - start, False)
+    pthread_mutex_unlock(&core.exclusion)
+    if rc:
+        base.failed_operation = "UFFDIO_WRITEPROTECT"
+    return rc
+
+
+cdef int rearm_all(BackendCore *base) noexcept nogil:
+    cdef UffdSyncCore *core = <UffdSyncCore *>base
+    pthread_mutex_lock(&core.exclusion)
+    dirtymap_clear(&core.dirty)
+    cdef int rc = uffd_writeprotect(core.uffd, base.start, base.end - base.start, True)
+    pthread_mutex_unlock(&core.exclusion)
+    if rc:
+        base.failed_operation = "UFFDIO_WRITEPROTECT"
+    return rc
+
+
+cdef class UffdSyncBackend(Backend):
+    """userfaultfd write-protect in synchronous mode, with a handler thread.
+
+    ``kernel_writes`` says what a write by the kernel (read() into the arena)
+    does: with the privilege to open a full userfaultfd the handler resolves
+    it; with a user-mode-only one it fails with EFAULT unless ``record()``
+    pre-dirtied the range. Discarding pages (MADV_DONTNEED) silently un-arms
+    them: use Tracker.discard(), or record() the range after discarding.
+    """
+    cdef UffdSyncCore c
+    cdef readonly str kernel_writes
+
+    def __cinit__(self, Arena arena not None, vector_len=None):
+        self.name = "uffd_sync"
+        self.c.uffd = -1
+        self.c.stop_fd = -1
+        self.attach(arena)
+        self.c.base.run_pass = sync_pass
+        self.c.base.rearm = rearm_all
+        self.c.base.record = record_range
+        self.c.base.start = <uintptr_t>arena.base
+        self.c.base.end = <uintptr_t>arena.base + arena.size
+        self.c.base.granularity = arena.page_size
+        self.c.dirty.protect = protect_range
+        self.c.dirty.protect_ctx = &self.c
+        pthread_mutex_init(&self.c.exclusion, NULL)
+        try:
+            if dirtymap_init(&self.c.dirty, self.c.base.start, arena.size,
+                             arena.page_size.bit_length() - 1, arena.page_size.bit_length() - 1):
+                raise MemoryError()
+            self.open_uffd(arena)
+            self.arm(arena)
+        except BaseException:
+            self.release()
+            raise
+        self.core = &self.c.base
+
+    cdef open_uffd(self, Arena arena):
+        """A full userfaultfd where permitted (kernel writes fault too), else user-mode only."""
+        self.c.uffd = uffd_open(O_CLOEXEC | O_NONBLOCK)
+        self.kernel_writes = "resolved by the handler thread"
+        if self.c.uffd == -EPERM:
+            self.c.uffd = uffd_open(O_CLOEXEC | O_NONBLOCK | GCT_UFFD_USER_MODE_ONLY)
+            self.kernel_writes = "EFAULT unless record() dirtied the range first"
+        if self.c.uffd < 0:
+            raise TrackerError(-self.c.uffd, "userfaultfd")
+        cdef int rc = uffd_api(self.c.uffd, GCT_UFFD_FEATURE_WP_UNPOPULATED, NULL)
+        if rc == -EINVAL:
+            # Before Linux 6.4 unpopulated pages cannot be armed: populate them.
+            close(self.c.uffd)
+            self.c.uffd = uffd_open(O_CLOEXEC | O_NONBLOCK | GCT_UFFD_USER_MODE_ONLY)
+            rc = uffd_api(self.c.uffd, 0, NULL) if self.c.uffd >= 0 else self.c.uffd
+            arena.prefault()
+        if rc:
+            raise TrackerError(-rc, "UFFDIO_API")
+
+    cdef arm(self, Arena arena):
+        cdef int rc = uffd_register_wp(self.c.uffd, self.c.base.start, arena.size)
+        if rc:
+            raise TrackerError(-rc, "UFFDIO_REGISTER",
+                               "is the arena already tracked?" if rc == -EBUSY else "")
+        self.c.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.c.stop_fd < 0:
+            raise TrackerError(errno, "eventfd")
+        rc = pthread_create(&self.c.handler, NULL, handle_faults, &self.c)
+        if rc:
+            raise TrackerError(rc, "pthread_create", "fault handler thread")
+        self.c.handler_alive = True
+        with nogil:
+            rc = rearm_all(&self.c.base)
+        if rc:
+            raise TrackerError(-rc, "UFFDIO_WRITEPROTECT")
+
+    @property
+    def faults(self):
+        """Write faults the handler thread has resolved."""
+        return self.c.faults
+
+    cdef void release(self) noexcept:
+        cdef uint64_t one = 1
+        if self.c.handler_alive and not self.forked():
+            write(self.c.stop_fd, &one, sizeof(one))
+            with nogil:
+                pthread_join(self.c.handler, NULL)
+        self.c.handler_alive = False
+        if self.c.uffd >= 0:
+            close(self.c.uffd)      # unregisters, and wakes any writer still blocked
+            self.c.uffd = -1
+        if self.c.stop_fd >= 0:
+            close(self.c.stop_fd)
+            self.c.stop_fd = -1
+        dirtymap_free(&self.c.dirty)
+        self.detach()
+
+    def __dealloc__(self):
+        self.release()
+        pthread_mutex_destroy(&self.c.exclusion)
