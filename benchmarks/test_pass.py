@@ -10,7 +10,7 @@ import numpy
 import pytest
 
 import gctrack
-from conftest import MiB, require_pagemap_scan, written_offsets
+from conftest import MiB, require, written_offsets
 
 SIZES = {"256MiB": 256 * MiB, "1GiB": 1024 * MiB}
 FRACTIONS = [0.001, 0.01, 0.1, 1.0]
@@ -66,7 +66,7 @@ class LibraryArena:
 
 @pytest.fixture(scope="module", params=list(SIZES))
 def arenas(request, raw_c):
-    require_pagemap_scan()
+    require("pagemap_scan")
     size = SIZES[request.param]
     pair = {"gctrack": LibraryArena(size), "raw_c": RawArena(raw_c, size)}
     for side in pair.values():

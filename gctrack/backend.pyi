@@ -5,4 +5,6 @@ class Backend:
 
     name: str
     arena: Arena | None
+    @property
+    def atomic_passes(self) -> bool: ...
     def close(self) -> None: ...

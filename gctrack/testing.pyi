@@ -3,6 +3,9 @@ from typing import Any, Sequence
 import numpy.typing as npt
 
 from gctrack.arena import Arena
+from gctrack.tracker import Tracker
+
+def store_bytes(arena: Arena, offsets: npt.ArrayLike, tracker: Tracker | None = None) -> None: ...
 
 class NativeWriters:
     """pthreads storing one byte at each offset, without the GIL."""

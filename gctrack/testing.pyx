@@ -6,10 +6,13 @@ race genuine concurrent writes against tracking passes.
 """
 import numpy
 
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
 from gctrack.arena cimport Arena
+from gctrack.software cimport SoftwareBackend, SoftwareCore, software_write_barrier
+from gctrack.tracker cimport Tracker
+
 from gctrack.errors import TrackerError
 
 
@@ -58,6 +61,31 @@ cdef void *writer_main(void *arg) noexcept nogil:
             gct_cpu_relax()
     gct_increment(job.finished)
     return NULL
+
+
+def store_bytes(Arena arena not None, offsets, Tracker tracker=None):
+    """Store one byte at each offset, in this thread, without the GIL.
+
+    With a software-backend ``tracker`` each store is followed by the inline
+    card-marking barrier, as compiled code would do it. For timing first
+    writes: no Python runs between two stores.
+    """
+    cdef const uint64_t[::1] offs = numpy.ascontiguousarray(offsets, dtype=numpy.uint64)
+    if offs.shape[0] and int(numpy.asarray(offs).max()) >= arena.size:
+        raise ValueError(f"an offset is outside the arena of {arena.size} bytes")
+    arena.check_open()
+    cdef SoftwareCore *barrier = NULL
+    if tracker is not None and isinstance(tracker.backend_object, SoftwareBackend):
+        if tracker.arena is not arena:
+            raise ValueError("the tracker watches a different arena")
+        barrier = &(<SoftwareBackend>tracker.backend_object).c
+    cdef volatile char *base = arena.base
+    cdef size_t i
+    with nogil:
+        for i in range(<size_t>offs.shape[0]):
+            base[offs[i]] = <char>(i | 1)
+            if barrier != NULL:
+                software_write_barrier(barrier, <uintptr_t>arena.base + offs[i])
 
 
 cdef class NativeWriters:

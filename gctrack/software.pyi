@@ -1,0 +1,7 @@
+from gctrack.arena import Arena
+from gctrack.backend import Backend
+
+CARD_SIZE: int
+
+class SoftwareBackend(Backend):
+    def __init__(self, arena: Arena, vector_len: int | None = None) -> None: ...
