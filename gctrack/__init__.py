@@ -10,6 +10,7 @@ from gctrack.errors import TrackerError, UnsupportedError
 from gctrack.probe import Features, Support, features
 from gctrack.stats import LoopStats, PassStats
 from gctrack.tracker import Tracker
+from gctrack.writewatch import WriteWatch
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "Tracker",
     "TrackerError",
     "UnsupportedError",
+    "WriteWatch",
     "features",
     "get_include",
 ]

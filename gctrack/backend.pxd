@@ -26,14 +26,15 @@ ctypedef struct RegionSink:
 
 
 ctypedef struct BackendCore:
-    # Report what was written in [start, end) since the last reset pass,
-    # batch by batch into `sink`; with `reset`, re-arm exactly what was
-    # reported. max_pages > 0 stops after that many pages, leaving the rest
-    # armed-and-dirty for the next pass. Returns 0 or -errno.
-    int (*run_pass)(BackendCore *core, bint reset, uint64_t max_pages,
-                    RegionSink *sink, PassCounts *counts) noexcept nogil
-    # Re-arm the whole range without reporting anything; 0 or -errno.
-    int (*rearm)(BackendCore *core) noexcept nogil
+    # Report what was written in [start, end) (granularity-aligned, inside the
+    # tracked range) since it was last reset, batch by batch into `sink`, in
+    # ascending order; with `reset`, re-arm exactly what was reported.
+    # max_pages > 0 stops after that many units, leaving the rest dirty for
+    # the next pass. Returns 0 or -errno.
+    int (*run_pass)(BackendCore *core, uintptr_t start, uintptr_t end, bint reset,
+                    uint64_t max_pages, RegionSink *sink, PassCounts *counts) noexcept nogil
+    # Re-arm [start, end) without reporting anything; 0 or -errno.
+    int (*rearm)(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil
     # Declare a write to [start, end) (inside the range), so the next pass
     # reports it; for the software backend this is the write barrier.
     int (*record)(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil

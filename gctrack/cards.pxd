@@ -47,6 +47,8 @@ cdef void cards_mark_regions(CardBits *t, const gct_page_region *regions,
 cdef void cards_or(CardBits *dst, const CardBits *src) noexcept nogil
 cdef void cards_merge(CardBits *dst, const CardBits *src) noexcept nogil
 cdef void cards_clear(CardBits *t) noexcept nogil
+cdef void cards_clear_range(CardBits *t, uintptr_t start, uintptr_t end) noexcept nogil
+cdef size_t cards_next_clean(const CardBits *t, size_t card) noexcept nogil
 cdef size_t cards_count(const CardBits *t) noexcept nogil
 cdef size_t cards_next_dirty(const CardBits *t, size_t card) noexcept nogil
 

@@ -33,6 +33,27 @@ cdef void cards_clear(CardBits *t) noexcept nogil:
     memset(t.words, 0, t.num_words * sizeof(uint64_t))
 
 
+cdef void cards_clear_range(CardBits *t, uintptr_t start, uintptr_t end) noexcept nogil:
+    """Clear every card that lies wholly or partly in [start, end)."""
+    cdef uintptr_t limit = t.base + t.size
+    start = start if start > t.base else t.base
+    end = end if end < limit else limit
+    if start >= end:
+        return
+    cdef size_t first = (start - t.base) >> t.card_shift
+    cdef size_t last = (end - 1 - t.base) >> t.card_shift
+    cdef size_t w
+    cdef uint64_t head = (~<uint64_t>0) << (first & 63)
+    cdef uint64_t tail = (~<uint64_t>0) >> (63 - (last & 63))
+    if first >> 6 == last >> 6:
+        t.words[first >> 6] &= ~(head & tail)
+        return
+    t.words[first >> 6] &= ~head
+    for w in range((first >> 6) + 1, last >> 6):
+        t.words[w] = 0
+    t.words[last >> 6] &= ~tail
+
+
 cdef size_t cards_count(const CardBits *t) noexcept nogil:
     cdef size_t w, total = 0
     for w in range(t.num_words):
@@ -54,7 +75,7 @@ cdef size_t cards_next_dirty(const CardBits *t, size_t card) noexcept nogil:
     return (w << 6) + ctz64(word)
 
 
-cdef inline size_t cards_next_clean(const CardBits *t, size_t card) noexcept nogil:
+cdef size_t cards_next_clean(const CardBits *t, size_t card) noexcept nogil:
     """The first clean card >= card, or t.num_cards when there is none."""
     if card >= t.num_cards:
         return t.num_cards

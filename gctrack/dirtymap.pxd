@@ -86,6 +86,7 @@ cdef inline void dirtymap_record_range(DirtyMap *m, uintptr_t start, uintptr_t e
 cdef int dirtymap_init(DirtyMap *m, uintptr_t base, size_t size, unsigned unit_shift,
                        unsigned page_shift) noexcept nogil
 cdef void dirtymap_free(DirtyMap *m) noexcept nogil
-cdef void dirtymap_clear(DirtyMap *m) noexcept nogil
-cdef int dirtymap_pass(DirtyMap *m, bint reset, uint64_t max_units, RegionSink *sink,
-                       PassCounts *counts, const char **failed_operation) noexcept nogil
+cdef void dirtymap_clear(DirtyMap *m, uintptr_t start, uintptr_t end) noexcept nogil
+cdef int dirtymap_pass(DirtyMap *m, uintptr_t start, uintptr_t end, bint reset,
+                       uint64_t max_units, RegionSink *sink, PassCounts *counts,
+                       const char **failed_operation) noexcept nogil

@@ -27,10 +27,38 @@ cdef void dirtymap_free(DirtyMap *m) noexcept nogil:
     m.words = NULL
 
 
-cdef void dirtymap_clear(DirtyMap *m) noexcept nogil:
+ctypedef struct UnitRange:
+    size_t first            # first unit
+    size_t after            # one past the last unit
+
+
+cdef inline UnitRange units_of(DirtyMap *m, uintptr_t start, uintptr_t end) noexcept nogil:
+    """The units that overlap [start, end) (which lies inside the map)."""
+    cdef UnitRange r
+    cdef uintptr_t unit_mask = (<uintptr_t>1 << m.unit_shift) - 1
+    r.first = (start - m.base) >> m.unit_shift
+    r.after = (end - m.base + unit_mask) >> m.unit_shift
+    return r
+
+
+cdef inline uint64_t word_mask(size_t w, UnitRange r) noexcept nogil:
+    """The bits of word w that fall inside r."""
+    cdef uint64_t mask = ~<uint64_t>0
+    if w == r.first >> 6:
+        mask &= (~<uint64_t>0) << (r.first & 63)
+    if w == (r.after - 1) >> 6 and r.after & 63:
+        mask &= (~<uint64_t>0) >> (64 - (r.after & 63))
+    return mask
+
+
+cdef void dirtymap_clear(DirtyMap *m, uintptr_t start, uintptr_t end) noexcept nogil:
+    """Clear the bits of every unit overlapping [start, end)."""
+    cdef UnitRange r = units_of(m, start, end)
     cdef size_t w
-    for w in range(m.num_words):
-        gct_bits_clear(&m.words[w], ~<uint64_t>0)
+    if r.first >= r.after:
+        return
+    for w in range(r.first >> 6, ((r.after - 1) >> 6) + 1):
+        gct_bits_clear(&m.words[w], word_mask(w, r))
 
 
 cdef inline uint64_t lowest_bits(uint64_t x, uint64_t k) noexcept nogil:
@@ -91,10 +119,12 @@ cdef int flush_run(PassState *p, size_t first, size_t after) noexcept nogil:
     return 0
 
 
-cdef int dirtymap_pass(DirtyMap *m, bint reset, uint64_t max_units, RegionSink *sink,
-                       PassCounts *counts, const char **failed_operation) noexcept nogil:
-    """Take the set bits (clearing them when ``reset``), re-protect and report
-    them as coalesced regions; at most ``max_units`` units when it is > 0."""
+cdef int dirtymap_pass(DirtyMap *m, uintptr_t start, uintptr_t end, bint reset,
+                       uint64_t max_units, RegionSink *sink, PassCounts *counts,
+                       const char **failed_operation) noexcept nogil:
+    """Take the set bits of the units overlapping [start, end) (clearing them
+    when ``reset``), re-protect and report them as coalesced regions, in
+    ascending order; at most ``max_units`` units when it is > 0."""
     cdef PassState p
     p.map = m
     p.reset = reset
@@ -105,8 +135,11 @@ cdef int dirtymap_pass(DirtyMap *m, bint reset, uint64_t max_units, RegionSink *
     cdef size_t w, unit, length, run_first = 0, run_after = 0
     cdef uint64_t take, shifted, taken
     cdef int rc
-    for w in range(m.num_words):
-        take = gct_bits_load(&m.words[w])
+    cdef UnitRange r = units_of(m, start, end)
+    if r.first >= r.after:
+        return 0
+    for w in range(r.first >> 6, ((r.after - 1) >> 6) + 1):
+        take = gct_bits_load(&m.words[w]) & word_mask(w, r)
         if take == 0:
             continue
         if max_units:

@@ -37,11 +37,11 @@ cdef int protect_range(void *ctx, uintptr_t start, uintptr_t end) noexcept nogil
     return 0 if mprotect(<void *>start, end - start, PROT_READ) == 0 else -errno
 
 
-cdef int mprotect_pass(BackendCore *base, bint reset, uint64_t max_pages,
-                       RegionSink *sink, PassCounts *counts) noexcept nogil:
+cdef int mprotect_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset,
+                       uint64_t max_pages, RegionSink *sink, PassCounts *counts) noexcept nogil:
     cdef MprotectCore *core = <MprotectCore *>base
     gct_mp_begin_pass(core.slot)
-    cdef int rc = dirtymap_pass(&core.dirty, reset, max_pages, sink, counts,
+    cdef int rc = dirtymap_pass(&core.dirty, start, end, reset, max_pages, sink, counts,
                                 &base.failed_operation)
     gct_mp_end_pass(core.slot)
     return rc
@@ -65,11 +65,11 @@ cdef int record_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcep
     return rc
 
 
-cdef int rearm_all(BackendCore *base) noexcept nogil:
+cdef int rearm_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
     cdef MprotectCore *core = <MprotectCore *>base
     gct_mp_begin_pass(core.slot)
-    dirtymap_clear(&core.dirty)
-    cdef int rc = protect_range(NULL, base.start, base.end)
+    dirtymap_clear(&core.dirty, start, end)
+    cdef int rc = protect_range(NULL, start, end)
     gct_mp_end_pass(core.slot)
     if rc:
         base.failed_operation = "mprotect"
@@ -90,7 +90,7 @@ cdef class MprotectBackend(Backend):
         self.c.slot = -1
         self.attach(arena)
         self.c.base.run_pass = mprotect_pass
-        self.c.base.rearm = rearm_all
+        self.c.base.rearm = rearm_range
         self.c.base.record = record_range
         self.c.base.start = <uintptr_t>arena.base
         self.c.base.end = <uintptr_t>arena.base + arena.size
@@ -107,7 +107,7 @@ cdef class MprotectBackend(Backend):
                 raise TrackerError(-self.c.slot, "installing the SIGSEGV handler",
                                    "at most 64 arenas" if self.c.slot == -ENOSPC else "")
             with nogil:
-                rc = rearm_all(&self.c.base)
+                rc = rearm_range(&self.c.base, self.c.base.start, self.c.base.end)
             if rc:
                 raise TrackerError(-rc, "mprotect")
         except BaseException:

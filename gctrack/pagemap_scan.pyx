@@ -59,8 +59,8 @@ cdef uint64_t resume_point(const gct_pm_scan_arg *arg, const gct_page_region *ve
     return vec[n - 1].end
 
 
-cdef int scan_pass(BackendCore *base, bint reset, uint64_t max_pages,
-                   RegionSink *sink, PassCounts *counts) noexcept nogil:
+cdef int scan_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset,
+                   uint64_t max_pages, RegionSink *sink, PassCounts *counts) noexcept nogil:
     cdef PagemapScanCore *core = <PagemapScanCore *>base
     cdef gct_pm_scan_arg arg
     cdef long n
@@ -71,8 +71,8 @@ cdef int scan_pass(BackendCore *base, bint reset, uint64_t max_pages,
     arg.flags = GCT_PM_SCAN_CHECK_WPASYNC
     if reset:
         arg.flags |= GCT_PM_SCAN_WP_MATCHING
-    arg.start = base.start
-    arg.end = base.end
+    arg.start = start
+    arg.end = end
     arg.vec = <uintptr_t>core.vec
     arg.category_mask = GCT_PAGE_IS_WRITTEN
     arg.return_mask = GCT_PAGE_IS_WRITTEN
@@ -106,9 +106,9 @@ cdef int scan_pass(BackendCore *base, bint reset, uint64_t max_pages,
             return 0
 
 
-cdef int rearm_all(BackendCore *base) noexcept nogil:
+cdef int rearm_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
     cdef PagemapScanCore *core = <PagemapScanCore *>base
-    cdef int rc = uffd_writeprotect(core.uffd, base.start, base.end - base.start, True)
+    cdef int rc = uffd_writeprotect(core.uffd, start, end - start, True)
     if rc:
         base.failed_operation = "UFFDIO_WRITEPROTECT"
     return rc
@@ -127,7 +127,7 @@ cdef class PagemapScanBackend(Backend):
         self.c.pagemap_fd = -1
         self.attach(arena)
         self.c.base.run_pass = scan_pass
-        self.c.base.rearm = rearm_all
+        self.c.base.rearm = rearm_range
         self.c.base.record = touch_pages
         self.c.base.start = <uintptr_t>arena.base
         self.c.base.end = <uintptr_t>arena.base + arena.size
@@ -161,7 +161,7 @@ cdef class PagemapScanBackend(Backend):
             raise TrackerError(-rc, "UFFDIO_REGISTER",
                                "is the arena already tracked?" if rc == -EBUSY else "")
         with nogil:
-            rc = rearm_all(&self.c.base)
+            rc = rearm_range(&self.c.base, self.c.base.start, self.c.base.end)
         if rc:
             raise TrackerError(-rc, "UFFDIO_WRITEPROTECT")
 

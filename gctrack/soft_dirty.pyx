@@ -95,8 +95,8 @@ cdef int clear_process_soft_dirty(SoftDirtyCore *core) noexcept nogil:
     return 0
 
 
-cdef int soft_dirty_pass(BackendCore *base, bint reset, uint64_t max_pages,
-                         RegionSink *sink, PassCounts *counts) noexcept nogil:
+cdef int soft_dirty_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset,
+                         uint64_t max_pages, RegionSink *sink, PassCounts *counts) noexcept nogil:
     cdef SoftDirtyCore *core = <SoftDirtyCore *>base
     pthread_mutex_lock(&registry_lock)
     cdef int rc = fold_soft_dirty(core)
@@ -105,16 +105,21 @@ cdef int soft_dirty_pass(BackendCore *base, bint reset, uint64_t max_pages,
         rc = clear_process_soft_dirty(core)
         counts.calls += 1
     if rc == 0:
-        rc = dirtymap_pass(&core.stash, reset, max_pages, sink, counts, &base.failed_operation)
+        rc = dirtymap_pass(&core.stash, start, end, reset, max_pages, sink, counts,
+                           &base.failed_operation)
     pthread_mutex_unlock(&registry_lock)
     return rc
 
 
-cdef int rearm_all(BackendCore *base) noexcept nogil:
+cdef int rearm_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
+    """Clearing is process-wide, so first save this tracker's bits too: the
+    pages outside [start, end) stay dirty in the stash."""
     cdef SoftDirtyCore *core = <SoftDirtyCore *>base
     pthread_mutex_lock(&registry_lock)
-    cdef int rc = clear_process_soft_dirty(core)
-    dirtymap_clear(&core.stash)
+    cdef int rc = fold_soft_dirty(core)
+    if rc == 0:
+        rc = clear_process_soft_dirty(core)
+    dirtymap_clear(&core.stash, start, end)
     pthread_mutex_unlock(&registry_lock)
     return rc
 
@@ -150,7 +155,7 @@ cdef class SoftDirtyBackend(Backend):
         self.c.pagemap_fd = -1
         self.attach(arena)
         self.c.base.run_pass = soft_dirty_pass
-        self.c.base.rearm = rearm_all
+        self.c.base.rearm = rearm_range
         self.c.base.record = touch_pages
         self.c.base.start = <uintptr_t>arena.base
         self.c.base.end = <uintptr_t>arena.base + arena.size
@@ -167,7 +172,7 @@ cdef class SoftDirtyBackend(Backend):
                 raise TrackerError(ENOSPC, "registering a soft-dirty tracker", "at most 64")
             self.registered = True
             with nogil:
-                rc = rearm_all(&self.c.base)
+                rc = rearm_range(&self.c.base, self.c.base.start, self.c.base.end)
             if rc:
                 raise TrackerError(-rc, self.c.base.failed_operation.decode())
         except BaseException:

@@ -16,14 +16,14 @@ from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_
 CARD_SIZE = 64
 
 
-cdef int software_pass(BackendCore *base, bint reset, uint64_t max_cards,
-                       RegionSink *sink, PassCounts *counts) noexcept nogil:
-    return dirtymap_pass(&(<SoftwareCore *>base).dirty, reset, max_cards, sink, counts,
-                         &base.failed_operation)
+cdef int software_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset,
+                       uint64_t max_cards, RegionSink *sink, PassCounts *counts) noexcept nogil:
+    return dirtymap_pass(&(<SoftwareCore *>base).dirty, start, end, reset, max_cards, sink,
+                         counts, &base.failed_operation)
 
 
-cdef int clear_all(BackendCore *base) noexcept nogil:
-    dirtymap_clear(&(<SoftwareCore *>base).dirty)
+cdef int clear_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
+    dirtymap_clear(&(<SoftwareCore *>base).dirty, start, end)
     return 0
 
 
@@ -40,7 +40,7 @@ cdef class SoftwareBackend(Backend):
         self.name = "software"
         self.attach(arena)
         self.c.base.run_pass = software_pass
-        self.c.base.rearm = clear_all
+        self.c.base.rearm = clear_range
         self.c.base.record = record_range
         self.c.base.start = <uintptr_t>arena.base
         self.c.base.end = <uintptr_t>arena.base + arena.size

@@ -48,6 +48,7 @@ cdef class Tracker:
     cdef int check_usable(self) except -1
     cdef int check_not_running(self) except -1
     cdef int check_in_arena(self, object addr, object length) except -1
+    cdef tuple span_of(self, object addr, object size)
     cdef CardBits *cards_for_arena(self, object cards) except NULL
     cdef int join_loop(self) except -1
     cdef int raise_loop_error(self) except -1

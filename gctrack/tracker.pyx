@@ -21,7 +21,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from gctrack.arena cimport Arena
 from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink
 from gctrack.cards cimport (CardBits, CardTable, cards_mark_regions, cards_merge,
-                            cards_clear)
+                            cards_clear, cards_clear_range)
 from gctrack.linux cimport gct_page_region
 
 from gctrack import backends
@@ -88,12 +88,13 @@ cdef inline double now_seconds() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-cdef int timed_pass(BackendCore *backend, bint reset, uint64_t max_pages,
-                    RegionSink *sink, PassCounts *counts) noexcept nogil:
-    """One pass of `backend` into `sink`; the caller holds the tracker lock."""
+cdef int timed_pass(BackendCore *backend, uintptr_t start, uintptr_t end, bint reset,
+                    uint64_t max_pages, RegionSink *sink, PassCounts *counts) noexcept nogil:
+    """One pass of `backend` over [start, end) into `sink`; the caller holds
+    the tracker lock."""
     memset(counts, 0, sizeof(PassCounts))
     cdef double started = now_seconds()
-    cdef int rc = backend.run_pass(backend, reset, max_pages, sink, counts)
+    cdef int rc = backend.run_pass(backend, start, end, reset, max_pages, sink, counts)
     counts.seconds = now_seconds() - started
     return rc
 
@@ -105,7 +106,8 @@ cdef int tracker_pass_into(TrackerCore *t, CardBits *cards, bint reset,
     sink.emit = mark_cards
     sink.ctx = cards
     pthread_mutex_lock(&t.lock)
-    cdef int rc = timed_pass(t.backend, reset, max_pages, &sink, counts)
+    cdef int rc = timed_pass(t.backend, t.backend.start, t.backend.end, reset, max_pages,
+                             &sink, counts)
     pthread_mutex_unlock(&t.lock)
     return rc
 
@@ -120,7 +122,7 @@ cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noex
     sink.emit = mark_cards
     sink.ctx = &t.accumulated
     pthread_mutex_lock(&t.lock)
-    cdef int rc = timed_pass(t.backend, True, 0, &sink, counts)
+    cdef int rc = timed_pass(t.backend, t.backend.start, t.backend.end, True, 0, &sink, counts)
     cards_merge(cards, &t.accumulated)
     cards_clear(&t.accumulated)
     pthread_mutex_unlock(&t.lock)
@@ -152,7 +154,7 @@ cdef void *pass_loop(void *arg) noexcept nogil:
     sink.ctx = &t.accumulated
     pthread_mutex_lock(&t.lock)
     while t.running:
-        rc = timed_pass(t.backend, True, 0, &sink, &counts)
+        rc = timed_pass(t.backend, t.backend.start, t.backend.end, True, 0, &sink, &counts)
         if rc:
             t.loop_error = rc
             t.loop_error_operation = t.backend.failed_operation
@@ -271,17 +273,21 @@ cdef class Tracker:
         raise_for_backend(rc, self.core.backend)
         return _pass_stats(counts)
 
-    def scan(self, *, reset=True, max_pages=0):
-        """One pass returning the raw regions as a REGION_DTYPE array.
+    def scan(self, *, reset=True, max_pages=0, addr=None, size=None):
+        """One pass returning the raw regions as a REGION_DTYPE array, ascending.
 
-        ``max_pages`` > 0 reports at most that many pages; the rest stay dirty
-        for the next pass.
+        ``max_pages`` > 0 reports at most that many pages (units of
+        ``granularity``); the rest stay dirty for the next pass. ``addr`` and
+        ``size`` limit the pass to part of the arena (widened to whole units).
         """
         self.check_usable()
         self.check_not_running()
+        max_pages = operator.index(max_pages)
         if max_pages < 0:
             raise ValueError(f"max_pages must be >= 0, got {max_pages}")
         cdef uint64_t limit = max_pages
+        cdef uintptr_t start, end
+        start, end = self.span_of(addr, size)
         cdef bint rearm = reset
         cdef RegionBuffer buf
         cdef RegionSink sink
@@ -293,7 +299,7 @@ cdef class Tracker:
         try:
             with nogil:
                 pthread_mutex_lock(&self.core.lock)
-                rc = timed_pass(self.core.backend, rearm, limit, &sink, &counts)
+                rc = timed_pass(self.core.backend, start, end, rearm, limit, &sink, &counts)
                 pthread_mutex_unlock(&self.core.lock)
             raise_for_backend(rc, self.core.backend)
             out = numpy.empty(buf.length, dtype=REGION_DTYPE)
@@ -304,17 +310,33 @@ cdef class Tracker:
         finally:
             free(buf.data)
 
-    def reset(self):
-        """Re-arm every page without reporting: forget all writes so far."""
+    def reset(self, addr=None, size=None):
+        """Re-arm without reporting: forget the writes so far, in the whole
+        arena or in [addr, addr + size) (widened to whole units)."""
         self.check_usable()
         self.check_not_running()
+        cdef uintptr_t start, end
+        start, end = self.span_of(addr, size)
         cdef int rc
         with nogil:
             pthread_mutex_lock(&self.core.lock)
-            rc = self.core.backend.rearm(self.core.backend)
-            cards_clear(&self.core.accumulated)
+            rc = self.core.backend.rearm(self.core.backend, start, end)
+            cards_clear_range(&self.core.accumulated, start, end)
             pthread_mutex_unlock(&self.core.lock)
         raise_for_backend(rc, self.core.backend)
+
+    cdef tuple span_of(self, object addr, object size):
+        """[start, end) for a pass: the whole arena by default, else the
+        units that [addr, addr + size) overlaps; ValueError outside the arena."""
+        if addr is None and size is None:
+            return self.core.backend.start, self.core.backend.end
+        addr = self.core.backend.start if addr is None else operator.index(addr)
+        size = self.core.backend.end - addr if size is None else operator.index(size)
+        if size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        self.check_in_arena(addr, size)
+        cdef uintptr_t unit = self.core.backend.granularity
+        return addr // unit * unit, (addr + size + unit - 1) // unit * unit
 
     def record(self, addr, length):
         """Declare a write to [addr, addr + length) so that the next pass reports it.

@@ -111,8 +111,8 @@ cdef void *handle_faults(void *arg) noexcept nogil:
                 resolve_fault(core, msgs[i].pagefault_address)
 
 
-cdef int sync_pass(BackendCore *base, bint reset, uint64_t max_pages,
-                   RegionSink *sink, PassCounts *counts) noexcept nogil:
+cdef int sync_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset,
+                   uint64_t max_pages, RegionSink *sink, PassCounts *counts) noexcept nogil:
     cdef UffdSyncCore *core = <UffdSyncCore *>base
     cdef int rc = core.handler_error
     if rc:
@@ -120,7 +120,8 @@ cdef int sync_pass(BackendCore *base, bint reset, uint64_t max_pages,
         base.failed_operation = "fault handler thread"
         return rc
     pthread_mutex_lock(&core.exclusion)
-    rc = dirtymap_pass(&core.dirty, reset, max_pages, sink, counts, &base.failed_operation)
+    rc = dirtymap_pass(&core.dirty, start, end, reset, max_pages, sink, counts,
+                       &base.failed_operation)
     pthread_mutex_unlock(&core.exclusion)
     return rc
 
@@ -145,11 +146,11 @@ cdef int record_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcep
     return rc
 
 
-cdef int rearm_all(BackendCore *base) noexcept nogil:
+cdef int rearm_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
     cdef UffdSyncCore *core = <UffdSyncCore *>base
     pthread_mutex_lock(&core.exclusion)
-    dirtymap_clear(&core.dirty)
-    cdef int rc = uffd_writeprotect(core.uffd, base.start, base.end - base.start, True)
+    dirtymap_clear(&core.dirty, start, end)
+    cdef int rc = uffd_writeprotect(core.uffd, start, end - start, True)
     pthread_mutex_unlock(&core.exclusion)
     if rc:
         base.failed_operation = "UFFDIO_WRITEPROTECT"
@@ -174,7 +175,7 @@ cdef class UffdSyncBackend(Backend):
         self.c.stop_fd = -1
         self.attach(arena)
         self.c.base.run_pass = sync_pass
-        self.c.base.rearm = rearm_all
+        self.c.base.rearm = rearm_range
         self.c.base.record = record_range
         self.c.base.start = <uintptr_t>arena.base
         self.c.base.end = <uintptr_t>arena.base + arena.size
@@ -225,7 +226,7 @@ cdef class UffdSyncBackend(Backend):
             raise TrackerError(rc, "pthread_create", "fault handler thread")
         self.c.handler_alive = True
         with nogil:
-            rc = rearm_all(&self.c.base)
+            rc = rearm_range(&self.c.base, self.c.base.start, self.c.base.end)
         if rc:
             raise TrackerError(-rc, "UFFDIO_WRITEPROTECT")
 
