@@ -4,6 +4,7 @@ Page-level write tracking for concurrent garbage collectors, built on Linux's
 PAGEMAP_SCAN ioctl with userfaultfd asynchronous write-protect (Linux 6.7+).
 """
 from gctrack.arena import Arena
+from gctrack.capi import _C_API
 from gctrack.backends import AUTO_ORDER, BACKENDS
 from gctrack.cards import REGION_DTYPE, CardTable
 from gctrack.errors import TrackerError, UnsupportedError
@@ -29,6 +30,7 @@ __all__ = [
     "UnsupportedError",
     "WriteWatch",
     "features",
+    "get_cython_include",
     "get_include",
 ]
 
@@ -38,3 +40,11 @@ def get_include() -> str:
     import os
 
     return os.path.join(os.path.dirname(__file__), "include")
+
+
+def get_cython_include() -> str:
+    """The folder to put on Cython's include_path so that ``cimport gctrack.x``
+    finds the .pxd files, wherever and however gctrack is installed."""
+    import os
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

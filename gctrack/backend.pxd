@@ -9,11 +9,13 @@ from libc.stdint cimport uint64_t, uintptr_t
 from gctrack.linux cimport gct_page_region
 
 
-ctypedef struct PassCounts:
-    uint64_t regions     # regions reported
-    uint64_t pages       # pages reported
-    uint64_t calls       # kernel calls the pass made
-    double seconds       # wall time of the pass
+cdef extern from "gctrack/gctrack.h" nogil:
+    # A stable layout of the C API (gct_pass_counts).
+    ctypedef struct PassCounts "gct_pass_counts":
+        uint64_t regions     # regions reported
+        uint64_t pages       # pages reported
+        uint64_t calls       # kernel calls the pass made
+        double seconds       # wall time of the pass
 
 
 # Receives the regions a pass reports, one batch at a time; returns 0 or -errno.
@@ -38,6 +40,7 @@ ctypedef struct BackendCore:
     # Declare a write to [start, end) (inside the range), so the next pass
     # reports it; for the software backend this is the write barrier.
     int (*record)(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil
+    const char *name                # the backend's name, as in gctrack.BACKENDS
     const char *failed_operation    # set with every error return
     uintptr_t start
     uintptr_t end

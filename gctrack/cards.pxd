@@ -3,14 +3,16 @@ from libc.stdint cimport uint64_t, uintptr_t
 from gctrack.linux cimport gct_page_region
 
 
-ctypedef struct CardBits:
-    # One bit per card of [base, base + size); the C-level view of a CardTable.
-    uint64_t *words
-    uintptr_t base
-    size_t size
-    size_t num_cards
-    size_t num_words
-    unsigned card_shift
+cdef extern from "gctrack/gctrack.h" nogil:
+    # One bit per card of [base, base + size): the C-level view of a
+    # CardTable, and a stable layout of the C API (gct_cards).
+    ctypedef struct CardBits "gct_cards":
+        uint64_t *words
+        uintptr_t base
+        size_t size
+        size_t num_cards
+        size_t num_words
+        unsigned card_shift
 
 
 cdef inline void cards_set_bits(uint64_t *words, size_t first, size_t last) noexcept nogil:

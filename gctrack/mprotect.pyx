@@ -86,7 +86,8 @@ cdef class MprotectBackend(Backend):
     cdef MprotectCore c
 
     def __cinit__(self, Arena arena not None, vector_len=None):
-        self.name = "mprotect"
+        self.c.base.name = b"mprotect"
+        self.name = self.c.base.name.decode()
         self.c.slot = -1
         self.attach(arena)
         self.c.base.run_pass = mprotect_pass

@@ -122,7 +122,8 @@ cdef class PagemapScanBackend(Backend):
         vector_len = operator.index(vector_len)
         if vector_len < 1:
             raise ValueError(f"vector_len must be >= 1, got {vector_len}")
-        self.name = "pagemap_scan"
+        self.c.base.name = b"pagemap_scan"
+        self.name = self.c.base.name.decode()
         self.c.uffd = -1
         self.c.pagemap_fd = -1
         self.attach(arena)

@@ -151,7 +151,8 @@ cdef class SoftDirtyBackend(Backend):
     cdef bint registered
 
     def __cinit__(self, Arena arena not None, vector_len=None):
-        self.name = "soft_dirty"
+        self.c.base.name = b"soft_dirty"
+        self.name = self.c.base.name.decode()
         self.c.pagemap_fd = -1
         self.attach(arena)
         self.c.base.run_pass = soft_dirty_pass

@@ -37,7 +37,8 @@ cdef class SoftwareBackend(Backend):
     """A 64-byte-card dirty map that only the writers' barrier fills in."""
 
     def __cinit__(self, Arena arena not None, vector_len=None):
-        self.name = "software"
+        self.c.base.name = b"software"
+        self.name = self.c.base.name.decode()
         self.attach(arena)
         self.c.base.run_pass = software_pass
         self.c.base.rearm = clear_range

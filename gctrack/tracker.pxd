@@ -1,5 +1,5 @@
 # cython: language_level=3
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint64_t, uintptr_t
 from gctrack.arena cimport Arena
 from gctrack.backend cimport Backend, BackendCore, PassCounts
 from gctrack.cards cimport CardBits, CardTable
@@ -32,6 +32,7 @@ ctypedef struct TrackerCore:
 cdef int tracker_pass_into(TrackerCore *t, CardBits *cards, bint reset,
                            uint64_t max_pages, PassCounts *counts) noexcept nogil
 cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noexcept nogil
+cdef int tracker_record(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil
 
 
 cdef class Tracker:

@@ -10,7 +10,7 @@ import operator
 
 import numpy
 
-from libc.errno cimport errno, ENOMEM
+from libc.errno cimport errno, EBADF, EINVAL, ENOMEM
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset
@@ -103,11 +103,13 @@ cdef int tracker_pass_into(TrackerCore *t, CardBits *cards, bint reset,
                            uint64_t max_pages, PassCounts *counts) noexcept nogil:
     """One locked pass whose regions are marked into `cards`."""
     cdef RegionSink sink
+    cdef int rc = -EBADF
     sink.emit = mark_cards
     sink.ctx = cards
     pthread_mutex_lock(&t.lock)
-    cdef int rc = timed_pass(t.backend, t.backend.start, t.backend.end, reset, max_pages,
-                             &sink, counts)
+    if t.backend != NULL:
+        rc = timed_pass(t.backend, t.backend.start, t.backend.end, reset, max_pages,
+                        &sink, counts)
     pthread_mutex_unlock(&t.lock)
     return rc
 
@@ -119,14 +121,26 @@ cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noex
     page lands in exactly one drain.
     """
     cdef RegionSink sink
+    cdef int rc = -EBADF
     sink.emit = mark_cards
     sink.ctx = &t.accumulated
     pthread_mutex_lock(&t.lock)
-    cdef int rc = timed_pass(t.backend, t.backend.start, t.backend.end, True, 0, &sink, counts)
-    cards_merge(cards, &t.accumulated)
-    cards_clear(&t.accumulated)
+    if t.backend != NULL:
+        rc = timed_pass(t.backend, t.backend.start, t.backend.end, True, 0, &sink, counts)
+        cards_merge(cards, &t.accumulated)
+        cards_clear(&t.accumulated)
     pthread_mutex_unlock(&t.lock)
     return rc
+
+
+cdef int tracker_record(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil:
+    """Declare a write to [start, end) (see Tracker.record); takes no lock."""
+    cdef BackendCore *backend = t.backend
+    if backend == NULL:
+        return -EBADF
+    if start < backend.start or end > backend.end or start > end:
+        return -EINVAL
+    return backend.record(backend, start, end)
 
 
 cdef void add_counts(PassCounts *total, const PassCounts *one) noexcept nogil:
@@ -352,7 +366,7 @@ cdef class Tracker:
         cdef uintptr_t end = first + <size_t>length
         cdef int rc
         with nogil:
-            rc = self.core.backend.record(self.core.backend, first, end)
+            rc = tracker_record(&self.core, first, end)
         raise_for_backend(rc, self.core.backend)
 
     cdef int check_in_arena(self, object addr, object length) except -1:
@@ -470,8 +484,11 @@ cdef class Tracker:
             self.join_loop()
         self.thread_alive = False    # in a forked child the loop thread never existed
         self.closed = True
+        with nogil:                  # C API callers see -EBADF from now on
+            pthread_mutex_lock(&self.core.lock)
+            self.core.backend = NULL
+            pthread_mutex_unlock(&self.core.lock)
         self.backend_object.close()
-        self.core.backend = NULL
 
     def __enter__(self):
         self.check_usable()

@@ -170,7 +170,8 @@ cdef class UffdSyncBackend(Backend):
     cdef readonly str kernel_writes
 
     def __cinit__(self, Arena arena not None, vector_len=None):
-        self.name = "uffd_sync"
+        self.c.base.name = b"uffd_sync"
+        self.name = self.c.base.name.decode()
         self.c.uffd = -1
         self.c.stop_fd = -1
         self.attach(arena)

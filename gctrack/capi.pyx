@@ -1,0 +1,83 @@
+# cython: language_level=3
+"""The C API capsule ("gctrack._C_API"); the table is described in gctrack/gctrack.h."""
+from cpython.object cimport PyObject
+from cpython.pycapsule cimport PyCapsule_New
+from libc.stdint cimport uintptr_t
+
+from gctrack.arena cimport Arena
+from gctrack.backend cimport PassCounts
+from gctrack.cards cimport (CardBits, CardTable, cards_clear, cards_mark_range,
+                            cards_next_clean, cards_next_dirty)
+from gctrack.tracker cimport Tracker, TrackerCore, tracker_drain, tracker_pass_into, tracker_record
+
+
+cdef extern from "gctrack/gctrack.h":
+    ctypedef struct gct_tracker:
+        pass
+    ctypedef struct gct_capi:
+        unsigned version
+        size_t size
+        gct_tracker *(*tracker_handle)(PyObject *) except NULL
+        CardBits *(*cards_handle)(PyObject *) except NULL
+        void *(*arena_memory)(PyObject *, size_t *) except NULL
+        int (*collect)(gct_tracker *, CardBits *, int, PassCounts *) noexcept nogil
+        int (*drain)(gct_tracker *, CardBits *, PassCounts *) noexcept nogil
+        int (*record)(gct_tracker *, uintptr_t, uintptr_t) noexcept nogil
+        size_t (*next_dirty_card)(const CardBits *, size_t) noexcept nogil
+        size_t (*next_clean_card)(const CardBits *, size_t) noexcept nogil
+        void (*mark_range)(CardBits *, uintptr_t, uintptr_t) noexcept nogil
+        void (*clear_cards)(CardBits *) noexcept nogil
+    unsigned GCTRACK_CAPI_VERSION
+    const char *GCTRACK_CAPI_NAME
+
+
+cdef gct_tracker *tracker_handle(PyObject *obj) except NULL:
+    cdef Tracker tracker = <Tracker?><object>obj
+    if tracker.closed:
+        raise ValueError("tracker is closed")
+    return <gct_tracker *>&tracker.core
+
+
+cdef CardBits *cards_handle(PyObject *obj) except NULL:
+    return &(<CardTable?><object>obj).bits
+
+
+cdef void *arena_memory(PyObject *obj, size_t *size) except NULL:
+    cdef Arena arena = <Arena?><object>obj
+    arena.check_open()
+    if size != NULL:
+        size[0] = arena.size
+    return arena.base
+
+
+cdef int collect(gct_tracker *t, CardBits *cards, int reset, PassCounts *counts) noexcept nogil:
+    return tracker_pass_into(<TrackerCore *>t, cards, reset != 0, 0, counts)
+
+
+cdef int drain(gct_tracker *t, CardBits *cards, PassCounts *counts) noexcept nogil:
+    return tracker_drain(<TrackerCore *>t, cards, counts)
+
+
+cdef int record(gct_tracker *t, uintptr_t start, uintptr_t end) noexcept nogil:
+    return tracker_record(<TrackerCore *>t, start, end)
+
+
+cdef void mark_range(CardBits *cards, uintptr_t start, uintptr_t end) noexcept nogil:
+    cards_mark_range(cards, start, end)
+
+
+cdef gct_capi table
+table.version = GCTRACK_CAPI_VERSION
+table.size = sizeof(gct_capi)
+table.tracker_handle = tracker_handle
+table.cards_handle = cards_handle
+table.arena_memory = arena_memory
+table.collect = collect
+table.drain = drain
+table.record = record
+table.next_dirty_card = cards_next_dirty
+table.next_clean_card = cards_next_clean
+table.mark_range = mark_range
+table.clear_cards = cards_clear
+
+_C_API = PyCapsule_New(&table, GCTRACK_CAPI_NAME, NULL)
