@@ -7,9 +7,12 @@ from gctrack.arena import Arena
 from gctrack.capi import _C_API
 from gctrack.backends import AUTO_ORDER, BACKENDS
 from gctrack.cards import REGION_DTYPE, CardTable
-from gctrack.errors import TrackerError, UnsupportedError
+from gctrack.collector import Collector
+from gctrack.errors import HeapFullError, TrackerError, UnsupportedError
+from gctrack.heap import Heap
+from gctrack.mutator import NativeMutators
 from gctrack.probe import Features, Support, features
-from gctrack.stats import LoopStats, PassStats
+from gctrack.stats import CycleStats, LoopStats, PassStats, PrecleanPass
 from gctrack.tracker import Tracker
 from gctrack.writewatch import WriteWatch
 
@@ -21,9 +24,15 @@ __all__ = [
     "REGION_DTYPE",
     "Arena",
     "CardTable",
+    "Collector",
+    "CycleStats",
     "Features",
+    "Heap",
+    "HeapFullError",
     "LoopStats",
+    "NativeMutators",
     "PassStats",
+    "PrecleanPass",
     "Support",
     "Tracker",
     "TrackerError",

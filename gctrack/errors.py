@@ -38,3 +38,7 @@ def raise_for(err: int, operation: str, detail: str = "") -> None:
     """Raise TrackerError for a negative-errno result from a nogil wrapper."""
     if err < 0:
         raise TrackerError(-err, operation, detail)
+
+
+class HeapFullError(MemoryError):
+    """Heap.alloc() found no free object: collect, or make the heap larger."""

@@ -1,0 +1,296 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Collector: a mostly-concurrent mark-sweep that remarks from the card table.
+
+Boehm-Demers-Shenker's mostly-parallel collector with HotSpot CMS's
+precleaning:
+
+1. stop the mutators, re-arm tracking, mark the roots, resume;
+2. mark concurrently, without the GIL;
+3. preclean: collect the dirty cards, rescan the marked objects on them,
+   and repeat while the dirty set keeps shrinking (at most ``max_preclean``
+   rounds; stop unless it shrinks to 2/3 or less);
+4. remark with the mutators stopped (and the GIL held): a final pass, then
+   rescan the roots and the marked objects on dirty cards, finish marking;
+5. sweep, with the mutators running again; objects allocated during the
+   cycle are born marked.
+
+Every store after step 1 lands on a dirty card, so a marked object that was
+given a reference to an unmarked one is rescanned by step 3 or 4. Nothing
+reachable at remark is freed; floating garbage waits for the next cycle.
+"""
+import time
+
+from libc.errno cimport ENOMEM
+from libc.stdint cimport uint64_t, uintptr_t
+from libc.stdlib cimport malloc, realloc, free
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+from gctrack.backend cimport PassCounts
+from gctrack.cards cimport (CardBits, CardTable, cards_clear, cards_count, cards_next_clean,
+                            cards_next_dirty)
+from gctrack.dirtymap cimport gct_bits_load
+from gctrack.heap cimport (Heap, HeapCore, heap_is_object, safepoint_resume_world,
+                           safepoint_stop_world)
+from gctrack.tracker cimport tracker_pass_into
+
+from gctrack.errors import TrackerError
+from gctrack.stats import CycleStats, PrecleanPass
+
+cdef extern from *:
+    """
+    static inline int gct_test_and_mark(uint64_t *marks, size_t bit) {
+        uint64_t mask = (uint64_t)1 << (bit & 63);
+        return !(__atomic_fetch_or(&marks[bit >> 6], mask, __ATOMIC_ACQ_REL) & mask);
+    }
+    static inline uint64_t gct_load_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline void gct_store_u64_relaxed(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+    """
+    bint gct_test_and_mark(uint64_t *marks, size_t bit) nogil
+    uint64_t gct_load_u64(const uint64_t *p) nogil
+    void gct_store_u64_relaxed(uint64_t *p, uint64_t v) nogil
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_mutex_lock(void *mutex)
+    int pthread_mutex_unlock(void *mutex)
+
+
+# ---- the gray stack ------------------------------------------------------------
+
+ctypedef struct GrayStack:
+    uintptr_t *items
+    size_t length
+    size_t capacity
+    bint out_of_memory
+
+
+cdef inline void push(GrayStack *s, uintptr_t obj) noexcept nogil:
+    cdef uintptr_t *grown
+    if s.length == s.capacity:
+        grown = <uintptr_t *>realloc(s.items, (s.capacity * 2 + 1024) * sizeof(uintptr_t))
+        if grown == NULL:
+            s.out_of_memory = True
+            return
+        s.items = grown
+        s.capacity = s.capacity * 2 + 1024
+    s.items[s.length] = obj
+    s.length += 1
+
+
+# ---- marking ------------------------------------------------------------------------
+
+cdef inline void shade(HeapCore *h, GrayStack *s, uintptr_t target) noexcept nogil:
+    """Mark target and queue it for scanning, if it is an unmarked object."""
+    if target != 0 and heap_is_object(h, target):
+        if gct_test_and_mark(h.marks, (target - h.base) >> h.object_shift):
+            push(s, target)
+
+
+cdef inline void scan_object(HeapCore *h, GrayStack *s, uintptr_t obj) noexcept nogil:
+    cdef const uint64_t *slots = <const uint64_t *>obj + 1
+    cdef size_t i
+    for i in range(h.slots):
+        shade(h, s, gct_load_u64(&slots[i]))
+
+
+cdef void mark_roots(HeapCore *h, GrayStack *s) noexcept nogil:
+    cdef size_t i
+    for i in range(h.max_roots):
+        shade(h, s, gct_load_u64(&h.roots[i]))
+
+
+cdef uint64_t drain(HeapCore *h, GrayStack *s) noexcept nogil:
+    """Trace until the gray stack is empty; returns the objects scanned."""
+    cdef uint64_t scanned = 0
+    while s.length:
+        s.length -= 1
+        scan_object(h, s, s.items[s.length])
+        scanned += 1
+    return scanned
+
+
+cdef inline bint is_marked(const HeapCore *h, size_t index) noexcept nogil:
+    return (gct_bits_load(&h.marks[index >> 6]) >> (index & 63)) & 1
+
+
+cdef uint64_t rescan_dirty(HeapCore *h, const CardBits *cards, GrayStack *s) noexcept nogil:
+    """Rescan every marked object that overlaps a dirty card; returns how many."""
+    cdef uint64_t rescanned = 0
+    cdef size_t first = cards_next_dirty(cards, 0), after, index, last
+    cdef uintptr_t start, end
+    while first < cards.num_cards:
+        after = cards_next_clean(cards, first)
+        start = cards.base + (<uintptr_t>first << cards.card_shift)
+        end = cards.base + (<uintptr_t>after << cards.card_shift)
+        if end > h.base + (h.num_objects << h.object_shift):
+            end = h.base + (h.num_objects << h.object_shift)
+        index = (start - h.base) >> h.object_shift
+        last = (end - 1 - h.base) >> h.object_shift
+        while index <= last:
+            if is_marked(h, index) and (<uint64_t *>(h.base + (index << h.object_shift)))[0]:
+                scan_object(h, s, h.base + (index << h.object_shift))
+                rescanned += 1
+            index += 1
+        first = cards_next_dirty(cards, after)
+    return rescanned
+
+
+# ---- sweeping -------------------------------------------------------------------------
+
+cdef uint64_t sweep(HeapCore *h) noexcept nogil:
+    """Free every allocated, unmarked object; then end the cycle and clear the marks."""
+    cdef uint64_t freed = 0
+    cdef size_t index, chunk
+    cdef uint64_t *header
+    for chunk in range(0, h.num_objects, 4096):
+        pthread_mutex_lock(&h.alloc_lock)      # allocation may run beside the sweep
+        for index in range(chunk, min(chunk + 4096, h.num_objects)):
+            header = <uint64_t *>(h.base + (index << h.object_shift))
+            if header[0] and not is_marked(h, index):
+                gct_store_u64_relaxed(header, 0)
+                h.free_list[h.free_count] = index
+                h.free_count += 1
+                freed += 1
+        pthread_mutex_unlock(&h.alloc_lock)
+    pthread_mutex_lock(&h.alloc_lock)
+    h.allocate_marked = False
+    for index in range((h.num_objects + 63) // 64):
+        h.marks[index] = 0
+    pthread_mutex_unlock(&h.alloc_lock)
+    return freed
+
+
+cdef inline double now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+# ---- the Python face -------------------------------------------------------------------
+
+cdef class Collector:
+    """Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
+    cdef readonly Heap heap
+    cdef CardTable cards
+    cdef GrayStack stack
+
+    def __cinit__(self, Heap heap not None):
+        self.heap = heap
+        self.cards = CardTable.for_arena(heap.arena, heap.card_size)
+
+    def __dealloc__(self):
+        free(self.stack.items)
+
+    cdef int check_stack(self) except -1:
+        if self.stack.out_of_memory:
+            self.stack.out_of_memory = False
+            raise MemoryError("the collector's mark stack could not grow")
+        return 0
+
+    cdef PassCounts dirty_pass(self, bint keep_gil) except *:
+        """Collect the cards dirtied since the previous pass into self.cards.
+        At remark ``keep_gil``: Python mutators must stay stopped too."""
+        cdef PassCounts counts
+        cdef int rc
+        cards_clear(&self.cards.bits)
+        if keep_gil:
+            rc = tracker_pass_into(&self.heap.tracker.core, &self.cards.bits, True, 0, &counts)
+        else:
+            with nogil:
+                rc = tracker_pass_into(&self.heap.tracker.core, &self.cards.bits, True, 0,
+                                       &counts)
+        if rc:
+            raise TrackerError(-rc, "tracking pass", "in the collector")
+        return counts
+
+    def collect(self, *, concurrent=True, max_preclean=3):
+        """One collection cycle. ``concurrent=False`` is the stop-the-world baseline."""
+        if self.heap.tracker.closed:
+            raise ValueError("the heap is closed")
+        if concurrent:
+            return self.concurrent_cycle(max_preclean)
+        return self.stop_the_world_cycle()
+
+    cdef object stop_the_world_cycle(self):
+        """Everything with the mutators stopped and the GIL held."""
+        cdef HeapCore *h = &self.heap.core
+        cdef double started, marked
+        cdef uint64_t freed
+        safepoint_stop_world(&h.safepoint)
+        started = now()
+        mark_roots(h, &self.stack)
+        drain(h, &self.stack)
+        marked = now()
+        freed = sweep(h)
+        safepoint_resume_world(&h.safepoint)
+        self.check_stack()
+        return CycleStats(backend=self.heap.backend, concurrent=False, live=self.heap.live_count,
+                          freed=freed, initial_mark_pause=0.0, concurrent_mark_seconds=0.0,
+                          preclean=(), remark_pause=marked - started, remark_dirty_cards=0,
+                          full_mark_seconds=marked - started, sweep_seconds=now() - marked)
+
+    cdef object concurrent_cycle(self, int max_preclean):
+        cdef HeapCore *h = &self.heap.core
+        cdef double t0, t1, t2
+        cdef uint64_t rescanned, freed, previous = 0
+        cdef size_t dirty
+        cdef PassCounts counts
+        # 1. initial mark, mutators stopped (and the GIL held: Python mutators too)
+        with nogil:
+            safepoint_stop_world(&h.safepoint)
+            t0 = now()
+        try:
+            self.heap.tracker.reset()
+            with nogil:
+                pthread_mutex_lock(&h.alloc_lock)
+                h.allocate_marked = True
+                pthread_mutex_unlock(&h.alloc_lock)
+                mark_roots(h, &self.stack)
+                t1 = now()
+        finally:
+            safepoint_resume_world(&h.safepoint)
+        initial_pause = t1 - t0
+        # 2. concurrent mark
+        with nogil:
+            t0 = now()
+            drain(h, &self.stack)
+            t1 = now()
+        self.check_stack()
+        concurrent_seconds = t1 - t0
+        # 3. precleaning
+        preclean = []
+        for _ in range(max_preclean):
+            t0 = now()
+            counts = self.dirty_pass(False)
+            dirty = cards_count(&self.cards.bits)
+            with nogil:
+                rescanned = rescan_dirty(h, &self.cards.bits, &self.stack)
+                drain(h, &self.stack)
+                t1 = now()
+            self.check_stack()
+            preclean.append(PrecleanPass(dirty_cards=dirty, rescanned=rescanned, seconds=t1 - t0))
+            if preclean[:-1] and dirty * 3 > previous * 2:
+                break                         # not shrinking to 2/3: remark now
+            previous = dirty
+        # 4. remark: native mutators parked, the GIL held throughout
+        safepoint_stop_world(&h.safepoint)
+        t0 = now()
+        try:
+            counts = self.dirty_pass(True)
+            dirty = cards_count(&self.cards.bits)
+            mark_roots(h, &self.stack)
+            rescan_dirty(h, &self.cards.bits, &self.stack)
+            drain(h, &self.stack)
+            t1 = now()
+        finally:
+            safepoint_resume_world(&h.safepoint)
+        self.check_stack()
+        remark_pause = t1 - t0
+        # 5. sweep, mutators running
+        with nogil:
+            freed = sweep(h)
+            t2 = now()
+        return CycleStats(backend=self.heap.backend, concurrent=True, live=self.heap.live_count,
+                          freed=freed, initial_mark_pause=initial_pause,
+                          concurrent_mark_seconds=concurrent_seconds, preclean=tuple(preclean),
+                          remark_pause=remark_pause, remark_dirty_cards=dirty,
+                          full_mark_seconds=0.0, sweep_seconds=t2 - t1)

@@ -1,0 +1,69 @@
+# cython: language_level=3
+"""The object heap a collector manages: fixed-size objects in a tracked arena.
+
+Layout (documented for tools that read the heap with numpy): object i lives
+at base + i * object_size; word 0 is its header (0 = free, HEADER_LIVE =
+allocated); words 1 .. object_size / 8 - 1 are reference slots holding the
+address of an object, or 0. Mark bits, the free list and the roots live
+outside the arena, so the collector's own writes are never tracked.
+"""
+from libc.stdint cimport uint64_t, uintptr_t
+from gctrack.arena cimport Arena
+from gctrack.software cimport SoftwareCore
+from gctrack.tracker cimport Tracker
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+
+
+ctypedef struct Safepoint:
+    # The stop-the-world handshake between a collector and native mutators.
+    pthread_mutex_t lock
+    pthread_cond_t parked_changed   # a mutator parked or left: the collector re-checks
+    pthread_cond_t resumed          # the collector released the world
+    int stop_requested              # read by mutators' polls without the lock (atomic)
+    int mutators                    # registered mutator threads
+    int parked                      # of those, how many wait at a safepoint
+
+
+ctypedef struct HeapCore:
+    uintptr_t base
+    size_t object_size
+    unsigned object_shift
+    size_t num_objects
+    size_t slots                    # reference slots per object
+    uint64_t *marks                 # one mark bit per object (atomic)
+    uint64_t *free_list             # indices of free objects (a stack)
+    size_t free_count
+    pthread_mutex_t alloc_lock      # guards free_list and allocate_marked
+    bint allocate_marked            # a cycle is on: new objects are born marked
+    uint64_t *roots                 # root slots: an object address, or 0
+    size_t max_roots
+    SoftwareCore *barrier           # the inline card-marking barrier, or NULL
+    Safepoint safepoint
+
+
+cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil
+cdef bint heap_is_object(const HeapCore *h, uintptr_t addr) noexcept nogil
+cdef void heap_store(HeapCore *h, uintptr_t obj, size_t slot, uintptr_t target) noexcept nogil
+cdef void safepoint_poll(Safepoint *sp) noexcept nogil
+cdef void safepoint_stop_world(Safepoint *sp) noexcept nogil
+cdef void safepoint_resume_world(Safepoint *sp) noexcept nogil
+cdef void safepoint_enter(Safepoint *sp) noexcept nogil
+cdef void safepoint_leave(Safepoint *sp) noexcept nogil
+
+
+cdef class Heap:
+    cdef HeapCore core
+    cdef readonly Arena arena
+    cdef readonly Tracker tracker
+    cdef readonly size_t card_size
+    cdef object marks_array, free_array, roots_array    # own the side memory
+    cdef readonly object reserved_roots                  # bool per root slot: add_root skips it
+    cdef bint ready
+
+    cdef uintptr_t checked_object(self, object obj, str what) except 0

@@ -1,0 +1,302 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Heap: fixed-size objects with reference slots, in a tracked arena (layout in heap.pxd)."""
+import operator
+
+import numpy
+
+from libc.stdint cimport uint64_t, uintptr_t
+from libc.string cimport memset
+
+from gctrack.arena cimport Arena
+from gctrack.cards cimport CardTable
+from gctrack.dirtymap cimport gct_bits_set, gct_bits_load
+from gctrack.software cimport software_core_of, software_write_barrier
+from gctrack.tracker cimport Tracker
+
+from gctrack.errors import HeapFullError
+
+cdef enum:
+    LIVE = 1
+
+#: The header word of an allocated object (a free object's header is 0).
+HEADER_LIVE = LIVE
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+    int pthread_cond_init(pthread_cond_t *cond, const void *attr)
+    int pthread_cond_destroy(pthread_cond_t *cond)
+    int pthread_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex)
+    int pthread_cond_broadcast(pthread_cond_t *cond)
+
+cdef extern from *:
+    """
+    static inline int gct_load_int(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void gct_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline void gct_store_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+    """
+    int gct_load_int(const int *p) nogil
+    void gct_store_int(int *p, int v) nogil
+    void gct_store_u64(uint64_t *p, uint64_t v) nogil
+
+
+# ---- allocation and stores ----------------------------------------------------
+
+cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil:
+    """A zeroed, live object (born marked while a cycle is on), or 0 when full."""
+    cdef uint64_t index
+    cdef uint64_t *obj
+    pthread_mutex_lock(&h.alloc_lock)
+    if h.free_count == 0:
+        pthread_mutex_unlock(&h.alloc_lock)
+        return 0
+    h.free_count -= 1
+    index = h.free_list[h.free_count]
+    if h.allocate_marked:
+        gct_bits_set(h.marks, index)
+    obj = <uint64_t *>(h.base + (index << h.object_shift))
+    memset(obj + 1, 0, h.slots * sizeof(uint64_t))
+    gct_store_u64(obj, LIVE)
+    pthread_mutex_unlock(&h.alloc_lock)
+    return <uintptr_t>obj
+
+
+cdef bint heap_is_object(const HeapCore *h, uintptr_t addr) noexcept nogil:
+    """addr is the start of an allocated object."""
+    if addr < h.base or addr >= h.base + (h.num_objects << h.object_shift):
+        return False
+    if (addr - h.base) & (h.object_size - 1):
+        return False
+    return (<uint64_t *>addr)[0] != 0
+
+
+cdef void heap_store(HeapCore *h, uintptr_t obj, size_t slot, uintptr_t target) noexcept nogil:
+    """The mutator's reference store, with the card-marking barrier when software."""
+    cdef uint64_t *field = <uint64_t *>obj + 1 + slot
+    gct_store_u64(field, target)
+    if h.barrier != NULL:
+        software_write_barrier(h.barrier, <uintptr_t>field)
+
+
+# ---- the safepoint handshake -----------------------------------------------------
+
+cdef void safepoint_enter(Safepoint *sp) noexcept nogil:
+    """A mutator thread joins (it then polls)."""
+    pthread_mutex_lock(&sp.lock)
+    while sp.stop_requested:          # never join a stopped world
+        pthread_cond_wait(&sp.resumed, &sp.lock)
+    sp.mutators += 1
+    pthread_mutex_unlock(&sp.lock)
+
+
+cdef void safepoint_leave(Safepoint *sp) noexcept nogil:
+    pthread_mutex_lock(&sp.lock)
+    sp.mutators -= 1
+    pthread_cond_broadcast(&sp.parked_changed)
+    pthread_mutex_unlock(&sp.lock)
+
+
+cdef void safepoint_poll(Safepoint *sp) noexcept nogil:
+    """Called by mutators between operations: park while the world is stopped."""
+    if not gct_load_int(&sp.stop_requested):
+        return
+    pthread_mutex_lock(&sp.lock)
+    sp.parked += 1
+    pthread_cond_broadcast(&sp.parked_changed)
+    while sp.stop_requested:
+        pthread_cond_wait(&sp.resumed, &sp.lock)
+    sp.parked -= 1
+    pthread_mutex_unlock(&sp.lock)
+
+
+cdef void safepoint_stop_world(Safepoint *sp) noexcept nogil:
+    """Return once every registered mutator is parked at a safepoint."""
+    pthread_mutex_lock(&sp.lock)
+    gct_store_int(&sp.stop_requested, 1)
+    while sp.parked < sp.mutators:
+        pthread_cond_wait(&sp.parked_changed, &sp.lock)
+    pthread_mutex_unlock(&sp.lock)
+
+
+cdef void safepoint_resume_world(Safepoint *sp) noexcept nogil:
+    pthread_mutex_lock(&sp.lock)
+    gct_store_int(&sp.stop_requested, 0)
+    pthread_cond_broadcast(&sp.resumed)
+    pthread_mutex_unlock(&sp.lock)
+
+
+# ---- the Python face ------------------------------------------------------------------
+
+cdef class Heap:
+    """Fixed-size objects in a tracked Arena; see heap.pxd for the layout.
+
+    Hold the objects you use through roots: like any collector, this one
+    frees whatever the roots cannot reach.
+    """
+
+    def __cinit__(self, size, *, object_size=64, backend="auto", card_size=512, max_roots=1024):
+        object_size = operator.index(object_size)
+        if object_size < 16 or object_size & (object_size - 1):
+            raise ValueError(f"object_size must be a power of two >= 16, got {object_size}")
+        max_roots = operator.index(max_roots)
+        if max_roots < 1:
+            raise ValueError(f"max_roots must be positive, got {max_roots}")
+        self.arena = Arena(size)
+        self.arena.prefault()                 # first touch is slow; not the collector's cost
+        CardTable.for_arena(self.arena, card_size)    # validates card_size
+        self.card_size = card_size
+        self.tracker = Tracker(self.arena, backend=backend)
+        cdef HeapCore *h = &self.core
+        h.base = <uintptr_t>self.arena.base
+        h.object_size = object_size
+        h.object_shift = object_size.bit_length() - 1
+        h.num_objects = self.arena.size >> h.object_shift
+        h.slots = object_size // 8 - 1
+        self.marks_array = numpy.zeros((h.num_objects + 63) // 64, dtype=numpy.uint64)
+        self.free_array = numpy.arange(h.num_objects - 1, -1, -1, dtype=numpy.uint64)
+        self.roots_array = numpy.zeros(max_roots, dtype=numpy.uint64)
+        self.reserved_roots = numpy.zeros(max_roots, dtype=bool)
+        cdef uint64_t[::1] marks = self.marks_array, free = self.free_array, roots = self.roots_array
+        h.marks = &marks[0]
+        h.free_list = &free[0]
+        h.free_count = h.num_objects
+        h.roots = &roots[0]
+        h.max_roots = max_roots
+        h.barrier = software_core_of(self.tracker.core.backend)
+        pthread_mutex_init(&h.alloc_lock, NULL)
+        pthread_mutex_init(&h.safepoint.lock, NULL)
+        pthread_cond_init(&h.safepoint.parked_changed, NULL)
+        pthread_cond_init(&h.safepoint.resumed, NULL)
+        self.ready = True
+
+    def __dealloc__(self):
+        if self.ready:
+            pthread_mutex_destroy(&self.core.alloc_lock)
+            pthread_mutex_destroy(&self.core.safepoint.lock)
+            pthread_cond_destroy(&self.core.safepoint.parked_changed)
+            pthread_cond_destroy(&self.core.safepoint.resumed)
+
+    cdef uintptr_t checked_object(self, object obj, str what) except 0:
+        obj = operator.index(obj)
+        if obj <= 0 or not heap_is_object(&self.core, obj):
+            raise ValueError(f"{what} {obj:#x} is not an allocated object of this heap")
+        return obj
+
+    @property
+    def object_size(self):
+        return self.core.object_size
+
+    @property
+    def slots(self):
+        """Reference slots per object."""
+        return self.core.slots
+
+    @property
+    def num_objects(self):
+        return self.core.num_objects
+
+    @property
+    def base(self):
+        return self.core.base
+
+    @property
+    def backend(self):
+        return self.tracker.backend
+
+    @property
+    def free_count(self):
+        return self.core.free_count
+
+    @property
+    def live_count(self):
+        """Allocated objects (reachable or not yet swept)."""
+        return self.core.num_objects - self.core.free_count
+
+    def alloc(self, *, root=False):
+        """A new object's address; HeapFullError when no object is free.
+
+        An address held only in a Python variable is not a root: a cycle
+        that starts before you link the object into the graph frees it. With
+        ``root=True`` the object is rooted before any cycle can see it (the
+        GIL is held throughout, and the collector's remark needs it).
+        """
+        self.tracker.arena.check_open()
+        slot = self.free_root_slot() if root else -1
+        cdef uintptr_t obj = heap_alloc(&self.core)     # quick: keeps the GIL on purpose
+        if obj == 0:
+            raise HeapFullError(f"all {self.core.num_objects} objects are allocated")
+        if root:
+            self.roots_array[slot] = obj
+        return obj
+
+    def free_root_slot(self):
+        """The first root slot that is empty and not reserved by mutators."""
+        free = numpy.flatnonzero((self.roots_array == 0) & ~self.reserved_roots)
+        if free.size == 0:
+            raise ValueError(f"all {self.core.max_roots} root slots are in use")
+        return int(free[0])
+
+    def set_ref(self, obj, slot, target):
+        """Store ``target`` (an object, or 0) into reference slot ``slot`` of ``obj``."""
+        cdef uintptr_t o = self.checked_object(obj, "obj")
+        slot = operator.index(slot)
+        if not 0 <= slot < <long>self.core.slots:
+            raise ValueError(f"slot {slot} is not in 0..{self.core.slots - 1}")
+        target = operator.index(target)
+        cdef uintptr_t t = 0 if target == 0 else self.checked_object(target, "target")
+        heap_store(&self.core, o, slot, t)
+
+    def get_ref(self, obj, slot):
+        cdef uintptr_t o = self.checked_object(obj, "obj")
+        slot = operator.index(slot)
+        if not 0 <= slot < <long>self.core.slots:
+            raise ValueError(f"slot {slot} is not in 0..{self.core.slots - 1}")
+        return (<uint64_t *>o)[1 + slot]
+
+    def add_root(self, obj):
+        """Make ``obj`` a root; returns its root slot."""
+        cdef uintptr_t o = self.checked_object(obj, "root")
+        slot = self.free_root_slot()
+        self.roots_array[slot] = o
+        return slot
+
+    def remove_root(self, obj):
+        """Stop rooting ``obj`` (one slot of it)."""
+        where = numpy.flatnonzero(self.roots_array == operator.index(obj))
+        if where.size == 0 or obj == 0:
+            raise ValueError(f"{obj:#x} is not a root")
+        self.roots_array[where[0]] = 0
+
+    def roots(self):
+        """The rooted object addresses."""
+        return [int(r) for r in self.roots_array if r]
+
+    @property
+    def root_slots(self):
+        """The live uint64 array of root slots (0 = empty)."""
+        return self.roots_array
+
+    def view(self):
+        """The heap as a live (num_objects, object_size / 8) uint64 array:
+        column 0 is the header, the others are reference slots."""
+        return self.arena.view(numpy.uint64).reshape(self.core.num_objects, self.core.object_size // 8)
+
+    def allocated(self):
+        """Indices of the allocated objects."""
+        return numpy.flatnonzero(self.view()[:, 0])
+
+    def close(self):
+        self.tracker.close()
+        self.arena.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        return (f"<gctrack.Heap {self.core.num_objects} objects of {self.core.object_size} B, "
+                f"{self.live_count} live, backend {self.tracker.backend}>")

@@ -1,0 +1,293 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Native mutators: threads without the GIL that change a Heap's object graph.
+
+They behave like a program, not like noise: every reference they store or
+root they set comes from an object they reached from a root, or from a new
+allocation. So if the collector ever frees a reachable object, a mutator
+eventually walks into a freed header, and counts a violation.
+"""
+import operator
+
+import numpy
+
+from libc.stdint cimport uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free
+from posix.time cimport clock_gettime, nanosleep, timespec, CLOCK_MONOTONIC
+
+from gctrack.heap cimport (Heap, HeapCore, heap_alloc, heap_is_object, heap_store,
+                           safepoint_enter, safepoint_leave, safepoint_poll,
+                           safepoint_resume_world, safepoint_stop_world)
+
+from gctrack.errors import TrackerError
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_t:
+        pass
+    int pthread_create(pthread_t *thread, const void *attr,
+                       void *(*start)(void *) noexcept nogil, void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+
+cdef extern from *:
+    """
+    static inline int gct_mut_load(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void gct_mut_store(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline uint64_t gct_mut_load_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline void gct_mut_store_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+    """
+    int gct_mut_load(const int *p) nogil
+    void gct_mut_store(int *p, int v) nogil
+    uint64_t gct_mut_load_u64(const uint64_t *p) nogil
+    void gct_mut_store_u64(uint64_t *p, uint64_t v) nogil
+
+
+ctypedef struct MutatorState:
+    HeapCore *heap
+    uint64_t rng
+    size_t first_root              # this thread's own root slots
+    size_t num_roots
+    double interval                # seconds between operations; 0: as fast as possible
+    int *running
+    uint64_t stores, allocations, root_changes, violations
+
+
+cdef uint64_t XORSHIFT_MULTIPLIER = 0x2545F4914F6CDD1D
+cdef uint64_t SEED_MIX = 0x9E3779B97F4A7C15
+
+
+cdef inline uint64_t next_random(uint64_t *state) noexcept nogil:
+    cdef uint64_t x = state[0]          # xorshift64*
+    x ^= x >> 12
+    x ^= x << 25
+    x ^= x >> 27
+    state[0] = x
+    return x * XORSHIFT_MULTIPLIER
+
+
+cdef inline double seconds_now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef uintptr_t walk(MutatorState *m) noexcept nogil:
+    """A reachable object: from a root (half the time any root of the heap,
+    so that mutators rewire the whole graph), a few random steps down."""
+    cdef HeapCore *h = m.heap
+    cdef uintptr_t obj = 0
+    if next_random(&m.rng) & 1:
+        obj = gct_mut_load_u64(&h.roots[next_random(&m.rng) % h.max_roots])
+    if obj == 0:
+        obj = gct_mut_load_u64(&h.roots[m.first_root + next_random(&m.rng) % m.num_roots])
+    cdef uintptr_t next_obj
+    cdef int steps = next_random(&m.rng) % 12
+    if obj == 0:
+        return 0
+    while True:
+        if (<uint64_t *>obj)[0] == 0:
+            m.violations += 1         # a reachable object was freed
+            return 0
+        if steps == 0:
+            return obj
+        steps -= 1
+        next_obj = gct_mut_load_u64(<uint64_t *>obj + 1 + next_random(&m.rng) % h.slots)
+        if next_obj == 0:
+            return obj
+        obj = next_obj
+
+
+cdef void mutate_once(MutatorState *m) noexcept nogil:
+    cdef HeapCore *h = m.heap
+    cdef uint64_t choice = next_random(&m.rng) % 100
+    cdef uintptr_t obj, target
+    cdef size_t root
+    if choice < 70:                                   # a reference store
+        obj = walk(m)
+        if obj == 0:
+            choice = 90                                # nothing rooted yet: allocate
+        else:
+            choice = next_random(&m.rng) % 10
+            if choice < 3:
+                target = 0
+            elif choice < 7:
+                target = walk(m)
+            else:
+                target = heap_alloc(h)
+                m.allocations += target != 0
+            heap_store(h, obj, next_random(&m.rng) % h.slots, target)
+            m.stores += 1
+            return
+    root = m.first_root + next_random(&m.rng) % m.num_roots
+    if choice < 85:                                   # re-point a root at something reachable
+        target = walk(m)
+        if target == 0:
+            return
+    else:                                             # or at a new object
+        target = heap_alloc(h)
+        m.allocations += target != 0
+        if target == 0:
+            return
+    gct_mut_store_u64(&h.roots[root], target)
+    m.root_changes += 1
+
+
+cdef void *mutator_main(void *arg) noexcept nogil:
+    cdef MutatorState *m = <MutatorState *>arg
+    cdef double next_at = seconds_now()
+    cdef timespec pause
+    safepoint_enter(&m.heap.safepoint)
+    while gct_mut_load(m.running):
+        safepoint_poll(&m.heap.safepoint)
+        mutate_once(m)
+        if m.interval > 0:
+            next_at += m.interval
+            while seconds_now() < next_at and gct_mut_load(m.running):
+                pause.tv_sec = 0
+                pause.tv_nsec = 50000
+                safepoint_poll(&m.heap.safepoint)
+                nanosleep(&pause, NULL)
+    safepoint_leave(&m.heap.safepoint)
+    return NULL
+
+
+cdef class NativeMutators:
+    """``threads`` native threads mutating ``heap`` at ``rate`` operations per
+    second each (0: unthrottled). Each owns ``roots_per_thread`` root slots,
+    taken from the heap's free root slots. ``pause()``/``resume()`` stop and
+    release them at a safepoint, as a collector does."""
+    cdef Heap heap
+    cdef MutatorState *states
+    cdef pthread_t *threads
+    cdef size_t count
+    cdef int running
+    cdef bint started, paused
+
+    def __cinit__(self, Heap heap not None, *, threads=2, rate=0.0, roots_per_thread=16, seed=1):
+        threads = operator.index(threads)
+        roots_per_thread = operator.index(roots_per_thread)
+        rate = float(rate)
+        if threads < 1 or roots_per_thread < 1 or rate < 0:
+            raise ValueError("threads and roots_per_thread must be positive, rate >= 0")
+        need = threads * roots_per_thread
+        unused = (heap.root_slots == 0) & ~heap.reserved_roots
+        runs = [s for s in range(len(unused) - need + 1) if unused[s:s + need].all()][:1]
+        if not runs:
+            raise ValueError(f"the heap has no {need} consecutive free root slots")
+        self.heap = heap
+        self.count = threads
+        self.states = <MutatorState *>calloc(threads, sizeof(MutatorState))
+        self.threads = <pthread_t *>calloc(threads, sizeof(pthread_t))
+        if self.states == NULL or self.threads == NULL:
+            raise MemoryError()
+        cdef size_t k
+        for k in range(self.count):
+            self.states[k].heap = &heap.core
+            self.states[k].rng = (seed * SEED_MIX + k + 1) & 0xFFFFFFFFFFFFFFFF or 1
+            self.states[k].first_root = runs[0] + k * roots_per_thread
+            self.states[k].num_roots = roots_per_thread
+            self.states[k].interval = 1.0 / rate if rate else 0.0
+            self.states[k].running = &self.running
+        heap.reserved_roots[runs[0]:runs[0] + need] = True     # add_root() skips them
+
+    def start(self):
+        if self.started:
+            raise RuntimeError("mutators already started")
+        gct_mut_store(&self.running, 1)
+        cdef size_t k
+        cdef int rc
+        for k in range(self.count):
+            rc = pthread_create(&self.threads[k], NULL, mutator_main, &self.states[k])
+            if rc:
+                self.count = k
+                self.stop()
+                raise TrackerError(rc, "pthread_create", "mutator thread")
+        self.started = True
+        return self
+
+    def stop(self):
+        """Stop and join every mutator thread."""
+        if self.paused:
+            self.resume()
+        gct_mut_store(&self.running, 0)
+        cdef size_t k, n = self.count if self.started else 0
+        with nogil:
+            for k in range(n):
+                pthread_join(self.threads[k], NULL)
+        self.started = False
+
+    def pause(self):
+        """Park every mutator at a safepoint (they stay parked until resume())."""
+        with nogil:
+            safepoint_stop_world(&self.heap.core.safepoint)
+        self.paused = True
+
+    def resume(self):
+        safepoint_resume_world(&self.heap.core.safepoint)
+        self.paused = False
+
+    def stats(self):
+        """Totals: stores, allocations, root_changes, violations."""
+        cdef size_t k
+        totals = {"stores": 0, "allocations": 0, "root_changes": 0, "violations": 0}
+        for k in range(self.count):
+            totals["stores"] += self.states[k].stores
+            totals["allocations"] += self.states[k].allocations
+            totals["root_changes"] += self.states[k].root_changes
+            totals["violations"] += self.states[k].violations
+        return totals
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def __dealloc__(self):
+        cdef size_t k
+        if self.started:
+            gct_mut_store(&self.running, 0)
+            if self.paused:
+                safepoint_resume_world(&self.heap.core.safepoint)
+            with nogil:
+                for k in range(self.count):
+                    pthread_join(self.threads[k], NULL)
+        free(self.states)
+        free(self.threads)
+
+
+def populate(Heap heap not None, objects, *, garbage=0.2, seed=1):
+    """Allocate ``objects`` objects at C speed. A ``garbage`` fraction is left
+    unreferenced; the rest form trees under up to 64 new roots (taken from
+    the free root slots), each object in an empty slot of an earlier one.
+    Returns how many objects were allocated."""
+    objects = operator.index(objects)
+    garbage = float(garbage)
+    if objects < 0 or not 0.0 <= garbage <= 1.0:
+        raise ValueError("objects must be >= 0 and garbage in [0, 1]")
+    free_roots = numpy.flatnonzero((heap.root_slots == 0) & ~heap.reserved_roots)[:64]
+    if objects and free_roots.size == 0:
+        raise ValueError("the heap has no free root slot")
+    cdef uint64_t[::1] root_slots = numpy.ascontiguousarray(free_roots, dtype=numpy.uint64) if free_roots.size else numpy.zeros(1, numpy.uint64)
+    cdef HeapCore *h = &heap.core
+    cdef uint64_t rng = (seed * SEED_MIX + 7) & 0xFFFFFFFFFFFFFFFF or 1
+    cdef uint64_t garbage_threshold = <uint64_t>(garbage * 1000000)
+    cdef size_t n = objects, made = 0, linked = 0, roots = free_roots.size
+    cdef uintptr_t obj
+    cdef uintptr_t *tree = <uintptr_t *>calloc(max(n, 1), sizeof(uintptr_t))
+    if tree == NULL:
+        raise MemoryError()
+    with nogil:
+        while made < n:
+            obj = heap_alloc(h)
+            if obj == 0:
+                break
+            made += 1
+            if next_random(&rng) % 1000000 < garbage_threshold:
+                continue                                  # born unreachable
+            if linked < roots:
+                h.roots[root_slots[linked]] = obj
+            else:                                         # child of an earlier object
+                heap_store(h, tree[(linked - roots) // h.slots], (linked - roots) % h.slots, obj)
+            tree[linked] = obj
+            linked += 1
+    free(tree)
+    return made

@@ -1,0 +1,221 @@
+"""The mostly-concurrent collector: nothing reachable is ever freed.
+
+Reachability is computed independently, by walking the raw heap memory with
+numpy from the root slots, with every mutator parked.
+"""
+import threading
+import time
+
+import numpy
+import pytest
+
+import gctrack
+from conftest import require
+from gctrack.collector import Collector
+from gctrack.heap import HEADER_LIVE, Heap
+from gctrack.mutator import NativeMutators, populate
+
+BACKENDS = ["pagemap_scan", "mprotect", "uffd_sync", "software"]
+
+
+@pytest.fixture(params=BACKENDS)
+def heap_backend(request):
+    require(request.param)
+    return request.param
+
+
+def reachable(heap) -> numpy.ndarray:
+    """A bool per object: reachable from the roots, read from raw memory."""
+    view = heap.view()
+    shift = heap.object_size.bit_length() - 1
+    limit = heap.base + heap.num_objects * heap.object_size
+
+    def indices(addresses):
+        addresses = addresses[addresses != 0]
+        assert ((addresses >= heap.base) & (addresses < limit)).all(), "a reference leaves the heap"
+        assert ((addresses - heap.base) % heap.object_size == 0).all(), "a misaligned reference"
+        return ((addresses - heap.base) >> shift).astype(numpy.int64)
+
+    seen = numpy.zeros(heap.num_objects, dtype=bool)
+    frontier = numpy.unique(indices(heap.root_slots.copy()))
+    seen[frontier] = True
+    while frontier.size:
+        targets = indices(view[frontier, 1:].ravel())
+        frontier = numpy.unique(targets[~seen[targets]])
+        seen[frontier] = True
+    return seen
+
+
+def check_nothing_reachable_was_freed(heap):
+    live = heap.view()[:, 0] == HEADER_LIVE
+    lost = numpy.flatnonzero(reachable(heap) & ~live)
+    assert lost.size == 0, f"{lost.size} reachable objects were freed, e.g. {lost[:5]}"
+
+
+def random_graph(heap, objects, rng):
+    """Objects linked at random through the Heap API; a few of them rooted."""
+    made = [heap.alloc() for _ in range(objects)]
+    for obj in made:
+        for slot in rng.choice(heap.slots, 2, replace=False):
+            heap.set_ref(obj, int(slot), int(made[rng.integers(len(made))]) if rng.random() < 0.5 else 0)
+    for obj in rng.choice(made, 5, replace=False):
+        heap.add_root(int(obj))
+    return made
+
+
+@pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent", "stop-the-world"])
+def test_a_cycle_without_mutation_frees_exactly_the_unreachable(heap_backend, concurrent):
+    rng = numpy.random.default_rng(11)
+    with Heap(1 << 20, backend=heap_backend) as heap:
+        random_graph(heap, 3000, rng)
+        expected = reachable(heap)
+        allocated = heap.view()[:, 0] == HEADER_LIVE
+        stats = Collector(heap).collect(concurrent=concurrent)
+        now_allocated = heap.view()[:, 0] == HEADER_LIVE
+        numpy.testing.assert_array_equal(now_allocated, expected)
+        assert stats.freed == int((allocated & ~expected).sum()) > 0
+        assert stats.live == int(expected.sum())
+        assert stats.backend == heap_backend and stats.concurrent == concurrent
+        again = Collector(heap).collect(concurrent=concurrent)
+        assert again.freed == 0
+
+
+def test_concurrent_native_mutators_never_lose_a_reachable_object(heap_backend):
+    with Heap(32 << 20, backend=heap_backend) as heap:
+        populate(heap, 300000, garbage=0.3, seed=5)
+        collector = Collector(heap)
+        with NativeMutators(heap, threads=2, rate=0, seed=7) as mutators:
+            for cycle in range(30):
+                time.sleep(0.005 * (cycle % 3))
+                stats = collector.collect()
+                mutators.pause()
+                try:
+                    check_nothing_reachable_was_freed(heap)
+                finally:
+                    mutators.resume()
+                assert stats.remark_pause >= 0 and len(stats.preclean) >= 1
+            totals = mutators.stats()
+        assert totals["violations"] == 0
+        assert totals["stores"] > 1000 and totals["allocations"] > 100
+        check_nothing_reachable_was_freed(heap)
+
+
+def test_python_mutation_through_the_heap_api_during_concurrent_cycles(heap_backend):
+    """A Python thread allocates, links and (un)roots objects while another
+    Python thread runs cycles; every object it still roots must stay alive."""
+    rng = numpy.random.default_rng(3)
+    with Heap(2 << 20, backend=heap_backend) as heap:
+        collector = Collector(heap)
+        stop = threading.Event()
+        cycles = []
+
+        def collect_in_background():
+            while not stop.is_set():
+                cycles.append(collector.collect())
+
+        held = [heap.alloc()]
+        heap.add_root(held[0])
+        background = threading.Thread(target=collect_in_background)
+        background.start()
+        deadline = time.monotonic() + 1.0
+        try:
+            while time.monotonic() < deadline or len(cycles) < 3:
+                try:
+                    fresh = heap.alloc(root=True)
+                except gctrack.HeapFullError:
+                    continue
+                parent = held[rng.integers(len(held))]
+                heap.set_ref(parent, int(rng.integers(heap.slots)), fresh)   # raises if freed
+                held.append(fresh)
+                if len(held) > 200:
+                    heap.remove_root(held.pop(1))
+                for obj in held[-5:]:
+                    heap.get_ref(obj, 0)          # ValueError if a held object was freed
+        finally:
+            stop.set()
+            background.join()
+        check_nothing_reachable_was_freed(heap)
+        assert len(cycles) >= 3 and sum(c.freed for c in cycles) > 0
+
+
+def test_safepoint_pause_really_stops_the_mutators():
+    require("pagemap_scan")
+    with Heap(4 << 20, backend="pagemap_scan") as heap, \
+            NativeMutators(heap, threads=2, rate=0) as mutators:
+        time.sleep(0.02)
+        mutators.pause()
+        before = mutators.stats()
+        time.sleep(0.05)
+        assert mutators.stats() == before
+        mutators.resume()
+        time.sleep(0.02)
+        assert mutators.stats()["stores"] > before["stores"]
+
+
+def test_heap_layout_and_api(page_size):
+    require("pagemap_scan")
+    with Heap(64 * 64, object_size=64, backend="pagemap_scan") as heap:
+        assert (heap.num_objects, heap.slots, heap.object_size) == (64, 7, 64)
+        a, b = heap.alloc(), heap.alloc()
+        assert (a - heap.base) % 64 == 0 and b == a + 64
+        heap.set_ref(a, 6, b)
+        assert heap.get_ref(a, 6) == b and heap.get_ref(a, 0) == 0
+        row = heap.view()[(a - heap.base) // 64]
+        assert row[0] == HEADER_LIVE and row[7] == b            # header, then slots
+        slot = heap.add_root(a)
+        assert heap.roots() == [a] and heap.root_slots[slot] == a
+        heap.remove_root(a)
+        assert heap.roots() == []
+
+
+def test_bad_heap_input(page_size):
+    require("pagemap_scan")
+    with pytest.raises(ValueError):
+        Heap(1 << 16, object_size=48)
+    with pytest.raises(ValueError):
+        Heap(1 << 16, card_size=100)
+    with Heap(64 * 64, backend="pagemap_scan", max_roots=2) as heap:
+        a = heap.alloc()
+        for bad_call in (lambda: heap.set_ref(a + 8, 0, 0), lambda: heap.set_ref(a, 7, 0),
+                         lambda: heap.set_ref(a, -1, 0), lambda: heap.set_ref(a, 0, a + 64),
+                         lambda: heap.get_ref(heap.base - 64, 0), lambda: heap.remove_root(a),
+                         lambda: heap.add_root(0)):
+            with pytest.raises(ValueError):
+                bad_call()
+        with pytest.raises(TypeError):
+            heap.set_ref(a, 0, "b")
+        heap.add_root(a)
+        heap.add_root(a)
+        with pytest.raises(ValueError, match="root slots"):
+            heap.add_root(a)
+        for _ in range(63):
+            heap.alloc()
+        with pytest.raises(gctrack.HeapFullError):
+            heap.alloc()
+
+
+def test_swept_objects_are_reused(page_size):
+    require("pagemap_scan")
+    with Heap(64 * 64, backend="pagemap_scan") as heap:
+        objects = [heap.alloc() for _ in range(64)]
+        heap.add_root(objects[0])
+        stats = Collector(heap).collect()
+        assert stats.freed == 63 and heap.free_count == 63
+        again = [heap.alloc() for _ in range(63)]
+        assert set(again) == set(objects[1:])
+
+
+@pytest.mark.soak
+def test_soak_many_cycles(heap_backend):
+    with Heap(32 << 20, backend=heap_backend) as heap:
+        populate(heap, 300000, garbage=0.3)
+        collector = Collector(heap)
+        with NativeMutators(heap, threads=3, rate=0) as mutators:
+            for _ in range(300):
+                collector.collect()
+                mutators.pause()
+                try:
+                    check_nothing_reachable_was_freed(heap)
+                finally:
+                    mutators.resume()
+            assert mutators.stats()["violations"] == 0
