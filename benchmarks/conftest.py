@@ -60,6 +60,16 @@ def pytest_terminal_summary(terminalreporter, config):
         if bench.stats is not None and impl:
             per = bench.extra_info.get("pages", 1)      # first-write groups: per page
             groups.setdefault(bench.group, {})[impl] = bench.stats.median / per
+    pauses = [(b.params.get("impl"), b.extra_info) for b in session.benchmarks
+              if b.params and "remark_pause_ms" in b.extra_info]
+    if pauses:
+        terminalreporter.write_sep("-", "remark pause against a stop-the-world full mark (medians)")
+        for impl, info in pauses:
+            terminalreporter.write_line(
+                f"{impl:<14} remark {info['remark_pause_ms']:8.3f} ms   full mark "
+                f"{info['full_mark_ms']:8.1f} ms   ratio {info['remark_over_full_mark']:7.2%}   "
+                f"initial mark {info['initial_mark_pause_ms']:.3f} ms   concurrent mark "
+                f"{info['concurrent_mark_ms']:.1f} ms   stores/s {info['mutator_stores_per_second']:,.0f}")
     lines = []
     for group, medians in sorted(groups.items()):
         reference = next((r for r in REFERENCES if r in medians), None)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m gctrack probe`` and ``python -m gctrack demo``."""
+"""Command line: ``python -m gctrack probe | demo | passes``."""
 from __future__ import annotations
 
 import argparse
@@ -62,7 +62,7 @@ def demo_background(tracker, arena, cards, threads: int) -> str:
             f"drain reported {len(got)} pages, {missing} missing")
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_passes(args: argparse.Namespace) -> int:
     size = args.size_mib * MiB
     with gctrack.Arena(size) as arena:
         arena.prefault()           # first touch is slow; keep it out of the figures
@@ -83,15 +83,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all_exact else 1
 
 
+def print_cycle(number: int, stats, full_mark: float) -> None:
+    passes = ", ".join(f"{p.dirty_cards} cards/{p.rescanned} rescanned" for p in stats.preclean)
+    print(f"cycle {number}: live {stats.live:,}, freed {stats.freed:,}; concurrent mark "
+          f"{stats.concurrent_mark_seconds * 1e3:.1f} ms; precleaning [{passes}]; remark pause "
+          f"{stats.remark_pause * 1e3:.3f} ms over {stats.remark_dirty_cards} dirty cards "
+          f"(initial-mark pause {stats.initial_mark_pause * 1e3:.3f} ms); stop-the-world full mark "
+          f"{full_mark * 1e3:.1f} ms: remark is {stats.remark_pause / full_mark:.2%} of it")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A GC demonstration: concurrent cycles under native mutators."""
+    from gctrack.mutator import populate
+
+    with gctrack.Heap(args.heap_mib * MiB, backend=args.backend, card_size=args.card_size) as heap:
+        made = populate(heap, int(heap.num_objects * 0.75), garbage=0.2)
+        collector = gctrack.Collector(heap)
+        print(f"gctrack GC demo: {args.heap_mib} MiB heap of {heap.num_objects:,} objects "
+              f"({made:,} allocated, about 20 % garbage), backend {heap.backend}, "
+              f"{args.threads} native mutators at {args.rate:,.0f} operations/s each")
+        first = collector.collect(concurrent=False)
+        print(f"warm-up stop-the-world cycle: full mark {first.full_mark_seconds * 1e3:.1f} ms, "
+              f"freed {first.freed:,}")
+        with gctrack.NativeMutators(heap, threads=args.threads, rate=args.rate) as mutators:
+            for number in range(1, args.cycles + 1):
+                time.sleep(args.pause)
+                stats = collector.collect()
+                full_mark = collector.collect(concurrent=False).full_mark_seconds
+                print_cycle(number, stats, full_mark)
+            totals = mutators.stats()
+        print(f"mutators: {totals['stores']:,} stores, {totals['allocations']:,} allocations, "
+              f"{totals['root_changes']:,} root changes, {totals['violations']} violations")
+    return 1 if totals["violations"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gctrack", description=gctrack.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("probe", help="what this kernel supports, and why not").set_defaults(run=cmd_probe)
-    demo = sub.add_parser("demo", help="tracking passes over a default workload")
-    demo.add_argument("--size-mib", type=int, default=256, help="arena size (default 256)")
+    demo = sub.add_parser("demo", help="mostly-concurrent GC cycles under native mutators")
+    demo.add_argument("--heap-mib", type=int, default=256, help="heap size (default 256)")
     demo.add_argument("--backend", default="auto", help="backend name (default auto)")
     demo.add_argument("--card-size", type=int, default=512, help="card size in bytes (default 512)")
+    demo.add_argument("--threads", type=int, default=2, help="native mutator threads (default 2)")
+    demo.add_argument("--rate", type=float, default=50000,
+                      help="mutator operations per second per thread; 0: unthrottled (default 50000)")
+    demo.add_argument("--cycles", type=int, default=3, help="concurrent cycles (default 3)")
+    demo.add_argument("--pause", type=float, default=0.2, help="seconds between cycles (default 0.2)")
     demo.set_defaults(run=cmd_demo)
+    passes = sub.add_parser("passes", help="tracking passes over write patterns")
+    passes.add_argument("--size-mib", type=int, default=256, help="arena size (default 256)")
+    passes.add_argument("--backend", default="auto", help="backend name (default auto)")
+    passes.add_argument("--card-size", type=int, default=512, help="card size in bytes (default 512)")
+    passes.set_defaults(run=cmd_passes)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -4,7 +4,8 @@
 Boehm-Demers-Shenker's mostly-parallel collector with HotSpot CMS's
 precleaning:
 
-1. stop the mutators, re-arm tracking, mark the roots, resume;
+1. re-arm tracking (a pass, mutators running), then stop the mutators,
+   mark the roots, resume;
 2. mark concurrently, without the GIL;
 3. preclean: collect the dirty cards, rescan the marked objects on them,
    and repeat while the dirty set keeps shrinking (at most ``max_preclean``
@@ -234,20 +235,19 @@ cdef class Collector:
         cdef uint64_t rescanned, freed, previous = 0
         cdef size_t dirty
         cdef PassCounts counts
-        # 1. initial mark, mutators stopped (and the GIL held: Python mutators too)
-        with nogil:
-            safepoint_stop_world(&h.safepoint)
-            t0 = now()
-        try:
-            self.heap.tracker.reset()
-            with nogil:
-                pthread_mutex_lock(&h.alloc_lock)
-                h.allocate_marked = True
-                pthread_mutex_unlock(&h.alloc_lock)
-                mark_roots(h, &self.stack)
-                t1 = now()
-        finally:
-            safepoint_resume_world(&h.safepoint)
+        # 1. re-arm tracking while the mutators run: a pass re-protects just the
+        # pages written since the last cycle. A store before it is visible to
+        # the marker; a store after it lands on a dirty card.
+        self.dirty_pass(False)
+        # initial mark, native mutators parked and the GIL held
+        safepoint_stop_world(&h.safepoint)
+        t0 = now()
+        pthread_mutex_lock(&h.alloc_lock)
+        h.allocate_marked = True
+        pthread_mutex_unlock(&h.alloc_lock)
+        mark_roots(h, &self.stack)
+        t1 = now()
+        safepoint_resume_world(&h.safepoint)
         initial_pause = t1 - t0
         # 2. concurrent mark
         with nogil:

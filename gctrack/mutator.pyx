@@ -70,11 +70,11 @@ cdef inline double seconds_now() noexcept nogil:
 
 
 cdef uintptr_t walk(MutatorState *m) noexcept nogil:
-    """A reachable object: from a root (half the time any root of the heap,
-    so that mutators rewire the whole graph), a few random steps down."""
+    """A reachable object: from a root (one time in four any root of the
+    heap, so that mutators rewire the whole graph), a few random steps down."""
     cdef HeapCore *h = m.heap
     cdef uintptr_t obj = 0
-    if next_random(&m.rng) & 1:
+    if next_random(&m.rng) % 4 == 0:
         obj = gct_mut_load_u64(&h.roots[next_random(&m.rng) % h.max_roots])
     if obj == 0:
         obj = gct_mut_load_u64(&h.roots[m.first_root + next_random(&m.rng) % m.num_roots])
@@ -106,7 +106,7 @@ cdef void mutate_once(MutatorState *m) noexcept nogil:
             choice = 90                                # nothing rooted yet: allocate
         else:
             choice = next_random(&m.rng) % 10
-            if choice < 3:
+            if choice < 1:
                 target = 0
             elif choice < 7:
                 target = walk(m)
