@@ -207,9 +207,18 @@ cdef class Collector:
         """One collection cycle. ``concurrent=False`` is the stop-the-world baseline."""
         if self.heap.tracker.closed:
             raise ValueError("the heap is closed")
-        if concurrent:
-            return self.concurrent_cycle(max_preclean)
-        return self.stop_the_world_cycle()
+        if self.heap.collecting:
+            raise RuntimeError("a collection of this heap is already running")
+        max_preclean = int(max_preclean)
+        if max_preclean < 0:
+            raise ValueError(f"max_preclean must be >= 0, got {max_preclean}")
+        self.heap.collecting = True
+        try:
+            if concurrent:
+                return self.concurrent_cycle(max_preclean)
+            return self.stop_the_world_cycle()
+        finally:
+            self.heap.collecting = False
 
     cdef object stop_the_world_cycle(self):
         """Everything with the mutators stopped and the GIL held."""

@@ -65,5 +65,6 @@ cdef class Heap:
     cdef object marks_array, free_array, roots_array    # own the side memory
     cdef readonly object reserved_roots                  # bool per root slot: add_root skips it
     cdef bint ready
+    cdef public bint collecting                          # a Collector cycle is running
 
     cdef uintptr_t checked_object(self, object obj, str what) except 0

@@ -288,6 +288,9 @@ cdef class Heap:
         return numpy.flatnonzero(self.view()[:, 0])
 
     def close(self):
+        """Disarm and unmap. Refused while native mutators or a cycle use the heap."""
+        if self.core.safepoint.mutators or self.collecting:
+            raise RuntimeError("native mutators or a collection still use this heap: stop them first")
         self.tracker.close()
         self.arena.close()
 

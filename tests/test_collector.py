@@ -219,3 +219,22 @@ def test_soak_many_cycles(heap_backend):
                 finally:
                     mutators.resume()
             assert mutators.stats()["violations"] == 0
+
+
+def test_a_heap_in_use_is_not_closed_and_cycles_do_not_overlap():
+    require("pagemap_scan")
+    heap = Heap(1 << 20, backend="pagemap_scan")
+    mutators = NativeMutators(heap, threads=1, rate=1000).start()
+    with pytest.raises(RuntimeError, match="stop them first"):
+        heap.close()
+    mutators.stop()
+    collector = Collector(heap)
+    heap.collecting = True                 # as if another thread were mid-cycle
+    with pytest.raises(RuntimeError, match="already running"):
+        collector.collect()
+    heap.collecting = False
+    with pytest.raises(ValueError):
+        collector.collect(max_preclean=-1)
+    heap.close()
+    with pytest.raises(ValueError, match="closed"):
+        collector.collect()
