@@ -73,6 +73,7 @@ cdef class Backend:
     cdef readonly str name
     cdef readonly object arena       # None once closed
     cdef long owner_pid              # the process that armed it (threads live there)
+    cdef public bint claimed         # a Tracker drives it (one at most)
     cdef int attach(self, object arena) except -1
     cdef void detach(self) noexcept
     cdef void release(self) noexcept

@@ -49,6 +49,9 @@ def create(backend, arena, vector_len=None) -> Backend:
     if isinstance(backend, Backend):
         if backend.arena is not arena:
             raise ValueError("the backend is closed or armed for a different arena")
+        if backend.claimed:
+            raise ValueError("the backend already belongs to a Tracker")
+        backend.claimed = True
         return backend
     cls = BACKENDS[resolve(backend)]
     return cls(arena, DEFAULT_VECTOR_LEN if vector_len is None else vector_len)

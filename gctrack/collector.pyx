@@ -175,6 +175,8 @@ cdef class Collector:
     cdef GrayStack stack
 
     def __cinit__(self, Heap heap not None):
+        if heap.tracker.closed:
+            raise ValueError("the heap is closed")
         self.heap = heap
         self.cards = CardTable.for_arena(heap.arena, heap.card_size)
 
@@ -182,6 +184,7 @@ cdef class Collector:
         free(self.stack.items)
 
     cdef int check_stack(self) except -1:
+        # The gray stack could not grow: some marked object was never scanned.
         if self.stack.out_of_memory:
             self.stack.out_of_memory = False
             raise MemoryError("the collector's mark stack could not grow")
@@ -217,8 +220,25 @@ cdef class Collector:
             if concurrent:
                 return self.concurrent_cycle(max_preclean)
             return self.stop_the_world_cycle()
+        except BaseException:
+            self.abandon_cycle()
+            raise
         finally:
             self.heap.collecting = False
+
+    cdef void abandon_cycle(self) noexcept:
+        """A cycle failed before its sweep: forget its marks, so that the next
+        cycle traces everything again (stale marks would hide objects)."""
+        cdef HeapCore *h = &self.heap.core
+        cdef size_t w
+        self.stack.length = 0
+        self.stack.out_of_memory = False
+        with nogil:
+            pthread_mutex_lock(&h.alloc_lock)
+            h.allocate_marked = False
+            for w in range((h.num_objects + 63) // 64):
+                h.marks[w] = 0
+            pthread_mutex_unlock(&h.alloc_lock)
 
     cdef object stop_the_world_cycle(self):
         """Everything with the mutators stopped and the GIL held."""
@@ -226,13 +246,15 @@ cdef class Collector:
         cdef double started, marked
         cdef uint64_t freed
         safepoint_stop_world(&h.safepoint)
-        started = now()
-        mark_roots(h, &self.stack)
-        drain(h, &self.stack)
-        marked = now()
-        freed = sweep(h)
-        safepoint_resume_world(&h.safepoint)
-        self.check_stack()
+        try:
+            started = now()
+            mark_roots(h, &self.stack)
+            drain(h, &self.stack)
+            marked = now()
+            self.check_stack()            # a mark dropped for want of memory: no sweep
+            freed = sweep(h)
+        finally:
+            safepoint_resume_world(&h.safepoint)
         return CycleStats(backend=self.heap.backend, concurrent=False, live=self.heap.live_count,
                           freed=freed, initial_mark_pause=0.0, concurrent_mark_seconds=0.0,
                           preclean=(), remark_pause=marked - started, remark_dirty_cards=0,

@@ -8,7 +8,8 @@ shared pass. What keeps writes from being lost, or reported late:
 - a fault handler sets the unit's bit *before* it makes the unit writable,
   so a write completes only after its bit is set, and the first pass to start
   after it sees it;
-- a pass takes (clears) bits and re-protects those units, then reports them;
+- a pass takes (clears) the bits of a run and re-protects it, then reports
+  it; on any error whatever it took and did not report is marked dirty again;
 - the backend makes "set bit + unprotect" and "take + re-protect" mutually
   exclusive. Otherwise a slow handler could unprotect a unit that a pass had
   just taken and re-protected, leaving it writable with its bit clear, and

@@ -82,12 +82,23 @@ ctypedef struct PassState:
     size_t batched
 
 
+cdef void rerecord_batch(PassState *p) noexcept nogil:
+    """After an error: mark the batched (taken, not yet reported) regions
+    dirty again, so the next pass reports them; nothing is lost."""
+    cdef size_t i
+    if p.reset:
+        for i in range(p.batched):
+            dirtymap_record_range(p.map, p.batch[i].start, p.batch[i].end)
+    p.batched = 0
+
+
 cdef int emit_batch(PassState *p) noexcept nogil:
     cdef int rc = 0
     if p.batched:
         rc = p.sink.emit(p.sink.ctx, p.batch, p.batched)
         if rc:
             p.failed_operation[0] = "collecting regions"
+            rerecord_batch(p)
         p.batched = 0
     return rc
 
@@ -101,13 +112,16 @@ cdef int flush_run(PassState *p, size_t first, size_t after) noexcept nogil:
     cdef int rc
     if end > m.base + m.size:
         end = m.base + m.size
-    if p.reset and m.protect != NULL:
-        rc = m.protect(m.protect_ctx, start, end)
-        p.counts.calls += 1
-        if rc:
-            dirtymap_record_range(m, start, end)     # keep them dirty: nothing is lost
-            p.failed_operation[0] = "re-protecting written pages"
-            return rc
+    if p.reset:
+        dirtymap_clear(m, start, end)                # take exactly this run's bits
+        if m.protect != NULL:
+            rc = m.protect(m.protect_ctx, start, end)
+            p.counts.calls += 1
+            if rc:
+                dirtymap_record_range(m, start, end)     # keep them dirty: nothing is lost
+                rerecord_batch(p)
+                p.failed_operation[0] = "re-protecting written pages"
+                return rc
     p.batch[p.batched].start = start
     p.batch[p.batched].end = end
     p.batch[p.batched].categories = GCT_PAGE_IS_WRITTEN
@@ -144,9 +158,7 @@ cdef int dirtymap_pass(DirtyMap *m, uintptr_t start, uintptr_t end, bint reset,
             continue
         if max_units:
             take = lowest_bits(take, max_units)
-        if reset:
-            gct_bits_clear(&m.words[w], take)
-        taken = gct_popcount64(take)
+        taken = gct_popcount64(take)        # cleared run by run, in flush_run
         while take:
             unit = (w << 6) + gct_ctz64(take)
             shifted = ~(take >> (unit & 63))

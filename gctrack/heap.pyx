@@ -148,6 +148,11 @@ cdef class Heap:
         CardTable.for_arena(self.arena, card_size)    # validates card_size
         self.card_size = card_size
         self.tracker = Tracker(self.arena, backend=backend)
+        if not self.tracker.backend_object.atomic_passes:
+            self.tracker.close()
+            raise ValueError(f"{self.tracker.backend} passes are not atomic: precleaning beside "
+                             "running mutators would lose stores")
+        self.tracker.reserved = True      # its passes are the collector's alone
         cdef HeapCore *h = &self.core
         h.base = <uintptr_t>self.arena.base
         h.object_size = object_size

@@ -21,6 +21,7 @@ cdef extern from "gctrack/linux_abi.h" nogil:
     const unsigned long GCT_UFFDIO_REGISTER
     const unsigned long GCT_UFFDIO_UNREGISTER
     const unsigned long GCT_UFFDIO_WRITEPROTECT
+    const unsigned long GCT_UFFDIO_WAKE
 
     const uint64_t GCT_PAGE_IS_WRITTEN
     const uint64_t GCT_PAGE_IS_SOFT_DIRTY
@@ -120,6 +121,14 @@ cdef inline int uffd_writeprotect(int fd, uint64_t start, uint64_t length,
     wp.range.len = length
     wp.mode = GCT_UFFDIO_WRITEPROTECT_MODE_WP if protect else 0
     return 0 if ioctl(fd, GCT_UFFDIO_WRITEPROTECT, &wp) == 0 else -errno
+
+
+cdef inline int uffd_wake(int fd, uint64_t start, uint64_t length) noexcept nogil:
+    """UFFDIO_WAKE: let the threads blocked on faults in a range retry."""
+    cdef gct_uffdio_range range_
+    range_.start = start
+    range_.len = length
+    return 0 if ioctl(fd, GCT_UFFDIO_WAKE, &range_) == 0 else -errno
 
 
 cdef inline long pagemap_scan(int pagemap_fd, gct_pm_scan_arg *arg) noexcept nogil:

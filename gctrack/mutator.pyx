@@ -31,11 +31,13 @@ cdef extern from *:
     """
     static inline int gct_mut_load(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void gct_mut_store(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline void gct_mut_increment(int *p) { __atomic_add_fetch(p, 1, __ATOMIC_RELEASE); }
     static inline uint64_t gct_mut_load_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
     static inline void gct_mut_store_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
     """
     int gct_mut_load(const int *p) nogil
     void gct_mut_store(int *p, int v) nogil
+    void gct_mut_increment(int *p) nogil
     uint64_t gct_mut_load_u64(const uint64_t *p) nogil
     void gct_mut_store_u64(uint64_t *p, uint64_t v) nogil
 
@@ -47,6 +49,7 @@ ctypedef struct MutatorState:
     size_t num_roots
     double interval                # seconds between operations; 0: as fast as possible
     int *running
+    int *registered                # counts threads that joined the safepoint
     uint64_t stores, allocations, root_changes, violations
 
 
@@ -135,6 +138,7 @@ cdef void *mutator_main(void *arg) noexcept nogil:
     cdef double next_at = seconds_now()
     cdef timespec pause
     safepoint_enter(&m.heap.safepoint)
+    gct_mut_increment(m.registered)
     while gct_mut_load(m.running):
         safepoint_poll(&m.heap.safepoint)
         mutate_once(m)
@@ -159,6 +163,7 @@ cdef class NativeMutators:
     cdef pthread_t *threads
     cdef size_t count
     cdef int running
+    cdef int registered
     cdef bint started, paused
 
     def __cinit__(self, Heap heap not None, *, threads=2, rate=0.0, roots_per_thread=16, seed=1):
@@ -186,6 +191,7 @@ cdef class NativeMutators:
             self.states[k].num_roots = roots_per_thread
             self.states[k].interval = 1.0 / rate if rate else 0.0
             self.states[k].running = &self.running
+            self.states[k].registered = &self.registered
         heap.reserved_roots[runs[0]:runs[0] + need] = True     # add_root() skips them
 
     def start(self):
@@ -201,6 +207,12 @@ cdef class NativeMutators:
                 self.stop()
                 raise TrackerError(rc, "pthread_create", "mutator thread")
         self.started = True
+        cdef timespec pause
+        pause.tv_sec = 0
+        pause.tv_nsec = 100000
+        with nogil:          # return only once every thread is a registered mutator
+            while gct_mut_load(&self.registered) < <int>self.count:
+                nanosleep(&pause, NULL)
         return self
 
     def stop(self):

@@ -46,6 +46,12 @@ cdef inline uint64_t pages_in(const gct_page_region *regions, long n,
     return total // page_size
 
 
+cdef void redirty(BackendCore *base, const gct_page_region *regions, long n) noexcept nogil:
+    cdef long i
+    for i in range(n):
+        touch_pages(base, regions[i].start, regions[i].end)
+
+
 cdef uint64_t resume_point(const gct_pm_scan_arg *arg, const gct_page_region *vec,
                            long n) noexcept nogil:
     """Where to continue after a call that filled the vector.
@@ -91,6 +97,8 @@ cdef int scan_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset
             rc = sink.emit(sink.ctx, core.vec, n)
             if rc:
                 base.failed_operation = "collecting regions"
+                if reset:
+                    redirty(base, core.vec, n)     # re-armed but unreported: write them again
                 return rc
         # A short vector means the walk reached `end` (walk_end may then lag
         # behind: see DESIGN.md). A full one means unreported pages may remain,

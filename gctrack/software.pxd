@@ -20,7 +20,8 @@ cdef inline SoftwareCore *software_core_of(BackendCore *core) noexcept nogil:
 
 
 cdef inline void software_write_barrier(SoftwareCore *core, uintptr_t addr) noexcept nogil:
-    """The card-marking barrier: call after (or before) every store to addr.
+    """The card-marking barrier: call it after every store to addr, never
+    before (a pass between the barrier and the store would miss the store).
 
     addr must lie inside the tracked arena. Safe from any thread, no GIL.
     """

@@ -27,6 +27,7 @@ ctypedef struct TrackerCore:
     const char *loop_error_operation
     PassCounts loop_totals          # summed over the loop's passes
     uint64_t loop_passes
+    long owner_pid                  # the C-level calls refuse other processes
 
 
 cdef int tracker_pass_into(TrackerCore *t, CardBits *cards, bint reset,
@@ -44,10 +45,12 @@ cdef class Tracker:
     cdef bint thread_alive
     cdef bint sync_ready              # lock and cond initialised
     cdef readonly bint closed
+    cdef public bint reserved         # set by a Heap: passes belong to its Collector
     cdef long owner_pid               # passes run only in the process that armed it
 
     cdef int check_usable(self) except -1
     cdef int check_not_running(self) except -1
+    cdef int check_not_reserved(self) except -1
     cdef int check_in_arena(self, object addr, object length) except -1
     cdef tuple span_of(self, object addr, object size)
     cdef CardBits *cards_for_arena(self, object cards) except NULL

@@ -10,7 +10,7 @@ import operator
 
 import numpy
 
-from libc.errno cimport errno, EBADF, EINVAL, ENOMEM
+from libc.errno cimport errno, EBADF, ECHILD, EINVAL, ENOMEM
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset
@@ -104,6 +104,8 @@ cdef int tracker_pass_into(TrackerCore *t, CardBits *cards, bint reset,
     """One locked pass whose regions are marked into `cards`."""
     cdef RegionSink sink
     cdef int rc = -EBADF
+    if getpid() != t.owner_pid:
+        return -ECHILD        # a forked child: the descriptors name the parent's memory
     sink.emit = mark_cards
     sink.ctx = cards
     pthread_mutex_lock(&t.lock)
@@ -122,6 +124,8 @@ cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noex
     """
     cdef RegionSink sink
     cdef int rc = -EBADF
+    if getpid() != t.owner_pid:
+        return -ECHILD
     sink.emit = mark_cards
     sink.ctx = &t.accumulated
     pthread_mutex_lock(&t.lock)
@@ -138,6 +142,8 @@ cdef int tracker_record(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept
     cdef BackendCore *backend = t.backend
     if backend == NULL:
         return -EBADF
+    if getpid() != t.owner_pid:
+        return -ECHILD
     if start < backend.start or end > backend.end or start > end:
         return -EINVAL
     return backend.record(backend, start, end)
@@ -191,6 +197,8 @@ def _pass_stats(PassCounts counts):
 
 
 cdef raise_for_backend(int rc, BackendCore *backend):
+    if rc == -EBADF and backend == NULL:
+        raise ValueError("tracker is closed")
     if rc:
         raise TrackerError(-rc, backend.failed_operation.decode())
 
@@ -208,6 +216,7 @@ cdef class Tracker:
         arena.check_open()
         self.arena = arena
         self.owner_pid = getpid()
+        self.core.owner_pid = self.owner_pid
         self.backend_object = backends.create(backend, arena, vector_len)
         self.core.backend = self.backend_object.core
         if pthread_mutex_init(&self.core.lock, NULL) != 0:
@@ -261,6 +270,11 @@ cdef class Tracker:
     cdef int check_not_running(self) except -1:
         if self.thread_alive:
             raise RuntimeError("the background pass loop is running: use drain(), or stop() first")
+        return self.check_not_reserved()
+
+    cdef int check_not_reserved(self) except -1:
+        if self.reserved:
+            raise RuntimeError("this tracker belongs to a Heap: only its Collector runs passes")
         return 0
 
     cdef CardBits *cards_for_arena(self, object cards) except NULL:
@@ -313,7 +327,9 @@ cdef class Tracker:
         try:
             with nogil:
                 pthread_mutex_lock(&self.core.lock)
-                rc = timed_pass(self.core.backend, start, end, rearm, limit, &sink, &counts)
+                rc = -EBADF
+                if self.core.backend != NULL:
+                    rc = timed_pass(self.core.backend, start, end, rearm, limit, &sink, &counts)
                 pthread_mutex_unlock(&self.core.lock)
             raise_for_backend(rc, self.core.backend)
             out = numpy.empty(buf.length, dtype=REGION_DTYPE)
@@ -334,8 +350,10 @@ cdef class Tracker:
         cdef int rc
         with nogil:
             pthread_mutex_lock(&self.core.lock)
-            rc = self.core.backend.rearm(self.core.backend, start, end)
-            cards_clear_range(&self.core.accumulated, start, end)
+            rc = -EBADF
+            if self.core.backend != NULL:
+                rc = self.core.backend.rearm(self.core.backend, start, end)
+                cards_clear_range(&self.core.accumulated, start, end)
             pthread_mutex_unlock(&self.core.lock)
         raise_for_backend(rc, self.core.backend)
 
@@ -364,9 +382,9 @@ cdef class Tracker:
         self.check_in_arena(addr, length)
         cdef uintptr_t first = addr
         cdef uintptr_t end = first + <size_t>length
-        cdef int rc
-        with nogil:
-            rc = tracker_record(&self.core, first, end)
+        # Keeps the GIL: close() (which needs it) cannot free the backend
+        # under this call. Native code uses tracker_record() directly.
+        cdef int rc = tracker_record(&self.core, first, end)
         raise_for_backend(rc, self.core.backend)
 
     cdef int check_in_arena(self, object addr, object length) except -1:
@@ -402,6 +420,7 @@ cdef class Tracker:
     def start(self, interval=0.001):
         """Run reset passes every ``interval`` seconds in a native thread."""
         self.check_usable()
+        self.check_not_reserved()
         if self.thread_alive:
             raise RuntimeError("the background pass loop is already running")
         if not self.backend_object.atomic_passes:
@@ -445,6 +464,7 @@ cdef class Tracker:
         Returns the PassStats of the last pass.
         """
         self.check_usable()
+        self.check_not_reserved()
         cdef CardBits *bits = self.cards_for_arena(cards)
         cdef PassCounts counts
         cdef int rc
@@ -484,10 +504,13 @@ cdef class Tracker:
             self.join_loop()
         self.thread_alive = False    # in a forked child the loop thread never existed
         self.closed = True
-        with nogil:                  # C API callers see -EBADF from now on
-            pthread_mutex_lock(&self.core.lock)
+        if getpid() == self.owner_pid:
+            with nogil:              # C API callers see -EBADF from now on
+                pthread_mutex_lock(&self.core.lock)
+                self.core.backend = NULL
+                pthread_mutex_unlock(&self.core.lock)
+        else:                        # the lock may have been held at fork(): never take it
             self.core.backend = NULL
-            pthread_mutex_unlock(&self.core.lock)
         self.backend_object.close()
 
     def __enter__(self):

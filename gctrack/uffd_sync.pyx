@@ -20,7 +20,7 @@ from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_
                                dirtymap_pass, dirtymap_record, dirtymap_record_range)
 from gctrack.linux cimport (gct_uffd_msg, GCT_UFFD_USER_MODE_ONLY, GCT_UFFD_EVENT_PAGEFAULT,
                             GCT_UFFD_FEATURE_WP_UNPOPULATED, uffd_open, uffd_api,
-                            uffd_register_wp, uffd_writeprotect)
+                            uffd_register_wp, uffd_wake, uffd_writeprotect)
 
 from gctrack.errors import TrackerError
 
@@ -78,8 +78,17 @@ cdef void resolve_fault(UffdSyncCore *core, uint64_t address) noexcept nogil:
         rc = uffd_writeprotect(core.uffd, page, core.base.granularity, False)
     pthread_mutex_unlock(&core.exclusion)
     if rc:
-        core.handler_error = rc
+        core.handler_error = rc                   # sticky: every later pass reports it
+        uffd_wake(core.uffd, page, core.base.granularity)   # never leave the writer blocked
     core.faults += 1
+
+
+cdef void *give_up(UffdSyncCore *core, int err) noexcept nogil:
+    """The handler cannot go on: record the error (every later pass reports
+    it) and un-protect everything, so that no writer ever blocks again."""
+    core.handler_error = err
+    uffd_writeprotect(core.uffd, core.base.start, core.base.end - core.base.start, False)
+    return NULL
 
 
 cdef void *handle_faults(void *arg) noexcept nogil:
@@ -96,16 +105,14 @@ cdef void *handle_faults(void *arg) noexcept nogil:
         if poll(fds, 2, -1) < 0:
             if errno == EINTR:
                 continue
-            core.handler_error = -errno
-            return NULL
+            return give_up(core, -errno)
         if fds[1].revents:
             return NULL
         got = read(core.uffd, msgs, sizeof(msgs))
         if got < 0:
             if errno == EAGAIN or errno == EINTR:
                 continue
-            core.handler_error = -errno
-            return NULL
+            return give_up(core, -errno)
         for i in range(<size_t>got // sizeof(gct_uffd_msg)):
             if msgs[i].event == GCT_UFFD_EVENT_PAGEFAULT:
                 resolve_fault(core, msgs[i].pagefault_address)
@@ -116,7 +123,6 @@ cdef int sync_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset
     cdef UffdSyncCore *core = <UffdSyncCore *>base
     cdef int rc = core.handler_error
     if rc:
-        core.handler_error = 0
         base.failed_operation = "fault handler thread"
         return rc
     pthread_mutex_lock(&core.exclusion)

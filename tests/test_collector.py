@@ -194,6 +194,18 @@ def test_bad_heap_input(page_size):
             heap.alloc()
 
 
+def test_the_heaps_tracker_runs_only_the_collectors_passes():
+    """Another pass would take dirty cards that the collector needs."""
+    require("pagemap_scan")
+    with Heap(1 << 20, backend="pagemap_scan") as heap:
+        cards = gctrack.CardTable.for_arena(heap.arena)
+        for use in (lambda: heap.tracker.collect(cards), heap.tracker.scan, heap.tracker.reset,
+                    heap.tracker.start, lambda: heap.tracker.drain(cards)):
+            with pytest.raises(RuntimeError, match="belongs to a Heap"):
+                use()
+        heap.tracker.record(heap.base, 8)          # declaring a write is still fine
+
+
 def test_swept_objects_are_reused(page_size):
     require("pagemap_scan")
     with Heap(64 * 64, backend="pagemap_scan") as heap:

@@ -374,3 +374,5 @@ def test_backend_instance_must_belong_to_the_arena(arena, page_size):
             gctrack.Tracker(arena, backend=backend)
         with gctrack.Tracker(other, backend=backend) as t:
             assert t.backend == "pagemap_scan"
+            with pytest.raises(ValueError, match="already belongs"):
+                gctrack.Tracker(other, backend=backend)

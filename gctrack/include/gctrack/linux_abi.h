@@ -74,6 +74,7 @@ struct gct_uffd_msg {
 #define GCT_UFFDIO_REGISTER _IOWR(0xAA, 0x00, struct gct_uffdio_register)
 #define GCT_UFFDIO_UNREGISTER _IOR(0xAA, 0x01, struct gct_uffdio_range)
 #define GCT_UFFDIO_WRITEPROTECT _IOWR(0xAA, 0x06, struct gct_uffdio_writeprotect)
+#define GCT_UFFDIO_WAKE _IOR(0xAA, 0x02, struct gct_uffdio_range)
 
 /* ---- PAGEMAP_SCAN --------------------------------------------------- */
 
