@@ -17,8 +17,12 @@ import gctrack
 HERE = Path(__file__).parent
 MiB = 1 << 20
 
+#: Card size and PAGEMAP_SCAN vector length of every pass benchmark.
+CARD_SIZE = 512
+VECTOR_LEN = 4096
+
 #: Per group, the implementation the others are divided by, first one present.
-REFERENCES = ("raw_c", "pagemap_scan")
+REFERENCES = ("pagemap_scan", "raw_c")
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +49,44 @@ def require(backend: str) -> None:
 
 
 def written_offsets(arena, fraction: float) -> numpy.ndarray:
-    """Byte offsets of one store into every k-th page, k = 1 / fraction."""
+    """Byte offsets of one store into every k-th page, k = 1 / fraction (none for 0)."""
+    if fraction == 0:
+        return numpy.zeros(0, dtype=numpy.int64)
     step = max(1, round(1 / fraction))
     return numpy.arange(0, arena.num_pages, step, dtype=numpy.int64) * arena.page_size
+
+
+def smoke_run(config) -> bool:
+    """pytest benchmarks --benchmark-disable: each benchmark once, as a test."""
+    return bool(config.getoption("benchmark_disable", False))
+
+
+class RawArena:
+    """An arena armed and scanned by raw_pass.c alone."""
+
+    def __init__(self, lib, size):
+        self.lib = lib
+        self.arena = gctrack.Arena(size)
+        self.arena.prefault()
+        self.uffd = lib.raw_arm(self.arena.address, self.arena.size)
+        assert self.uffd >= 0, f"raw_arm failed: errno {-self.uffd}"
+        self.pagemap = open("/proc/self/pagemap", "rb", buffering=0)
+        self.vec = numpy.zeros(VECTOR_LEN * 3, dtype=numpy.uint64)
+        self.cards = numpy.zeros(-(-size // CARD_SIZE // 64), dtype=numpy.uint64)
+
+    def run_pass(self):
+        pages = self.lib.raw_pass(self.pagemap.fileno(), self.arena.address,
+                                  self.arena.address + self.arena.size,
+                                  self.vec.ctypes.data, VECTOR_LEN, self.cards.ctypes.data,
+                                  self.arena.address, CARD_SIZE.bit_length() - 1)
+        assert pages >= 0
+        return pages
+
+    def close(self):
+        os.close(self.uffd)
+        self.pagemap.close()
+        self.arena.close()
+
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -7,7 +7,8 @@ import numpy
 import pytest
 
 import gctrack
-from conftest import MiB, require, written_offsets
+from conftest import CARD_SIZE, MiB, RawArena, require, smoke_run, written_offsets
+from gctrack.bench import SLOW_SETUP_PAGES
 from gctrack.testing import store_bytes
 
 BACKENDS = ["pagemap_scan", "mprotect", "uffd_sync", "soft_dirty", "software"]
@@ -34,33 +35,54 @@ def test_first_write(benchmark, impl):
             tracker.close()
 
 
-SIZES = {"256MiB": 256 * MiB, "1GiB": 1024 * MiB}
-FRACTIONS = [0.001, 0.01, 0.1, 1.0]
+SIZES = {"64MiB": 64 * MiB, "256MiB": 256 * MiB, "1GiB": 1024 * MiB, "4GiB": 4096 * MiB}
+FRACTIONS = [0.0, 0.001, 0.01, 0.1, 1.0]
 
 
 @pytest.fixture(scope="module", params=list(SIZES))
-def arena(request):
-    with gctrack.Arena(SIZES[request.param]) as a:
-        a.prefault()
-        yield request.param, a
+def arenas(request, raw_c):
+    """A pre-faulted arena for the backends, and one armed by the raw C reference."""
+    if smoke_run(request.config) and SIZES[request.param] > 256 * MiB:
+        pytest.skip("smoke run: arenas over 256 MiB only when timing")
+    require("pagemap_scan")          # the raw C reference uses the same kernel mechanism
+    arena = gctrack.Arena(SIZES[request.param])
+    arena.prefault()
+    raw = RawArena(raw_c, SIZES[request.param])
+    yield request.param, arena, raw
+    raw.close()
+    arena.close()
 
 
-@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("impl", ["raw_c"] + BACKENDS)
 @pytest.mark.parametrize("fraction", FRACTIONS, ids=lambda f: f"{f:.1%}")
-def test_collect_and_rearm(benchmark, arena, fraction, impl):
+def test_collect_and_rearm(benchmark, arenas, fraction, impl):
     """Write every k-th page (outside the timing), then time one collect()."""
+    size_name, arena, raw = arenas
+    benchmark.group = f"collect {size_name} {fraction:.1%} written"
+    if impl == "raw_c":
+        offsets = written_offsets(raw.arena, fraction)
+        view = numpy.asarray(raw.arena)
+
+        def dirty_raw():
+            view[offsets] += 1
+            raw.cards[:] = 0
+
+        pages = benchmark.pedantic(raw.run_pass, setup=dirty_raw, rounds=15, iterations=1,
+                                   warmup_rounds=1)
+        assert pages == len(offsets)
+        return
     require(impl)
-    size_name, arena = arena
     offsets = written_offsets(arena, fraction).astype(numpy.uint64)
+    if len(offsets) > SLOW_SETUP_PAGES.get(impl, len(offsets)):
+        pytest.skip(f"{impl}: setting up {len(offsets)} first writes per round takes too long")
     with gctrack.Tracker(arena, backend=impl) as tracker:
-        cards = gctrack.CardTable.for_arena(arena, 512)
-        benchmark.group = f"collect {size_name} {fraction:.1%} written"
-        slow = impl in ("uffd_sync", "mprotect") and fraction == 1.0
+        cards = gctrack.CardTable.for_arena(arena, CARD_SIZE)
 
         def dirty_the_pages():
             store_bytes(arena, offsets, tracker)
             cards.clear()
 
+        slow = impl in SLOW_SETUP_PAGES and len(offsets) > 10000
         stats = benchmark.pedantic(tracker.collect, args=(cards,), setup=dirty_the_pages,
                                    rounds=5 if slow else 15, iterations=1, warmup_rounds=1)
         assert stats.pages == len(offsets)

@@ -10,40 +10,10 @@ import numpy
 import pytest
 
 import gctrack
-from conftest import MiB, require, written_offsets
+from conftest import CARD_SIZE, VECTOR_LEN, MiB, RawArena, require, written_offsets
 
 SIZES = {"256MiB": 256 * MiB, "1GiB": 1024 * MiB}
 FRACTIONS = [0.001, 0.01, 0.1, 1.0]
-CARD_SIZE = 512
-VECTOR_LEN = 4096
-
-
-class RawArena:
-    """An arena armed and scanned by raw_pass.c alone."""
-
-    def __init__(self, lib, size):
-        self.lib = lib
-        self.arena = gctrack.Arena(size)
-        self.arena.prefault()
-        self.uffd = lib.raw_arm(self.arena.address, self.arena.size)
-        assert self.uffd >= 0, f"raw_arm failed: errno {-self.uffd}"
-        self.pagemap = open("/proc/self/pagemap", "rb", buffering=0)
-        self.vec = numpy.zeros(VECTOR_LEN * 3, dtype=numpy.uint64)
-        self.cards = numpy.zeros(-(-size // CARD_SIZE // 64), dtype=numpy.uint64)
-
-    def run_pass(self):
-        pages = self.lib.raw_pass(self.pagemap.fileno(), self.arena.address,
-                                  self.arena.address + self.arena.size,
-                                  self.vec.ctypes.data, VECTOR_LEN, self.cards.ctypes.data,
-                                  self.arena.address, CARD_SIZE.bit_length() - 1)
-        assert pages >= 0
-        return pages
-
-    def close(self):
-        import os
-        os.close(self.uffd)
-        self.pagemap.close()
-        self.arena.close()
 
 
 class LibraryArena:

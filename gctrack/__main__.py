@@ -117,6 +117,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if totals["violations"] else 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gctrack import bench
+
+    results, missing = bench.run(bench.QUICK if args.quick else bench.FULL)
+    print(bench.table(results, missing))
+    for path in bench.write_outputs(results, missing, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gctrack", description=gctrack.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     passes.add_argument("--backend", default="auto", help="backend name (default auto)")
     passes.add_argument("--card-size", type=int, default=512, help="card size in bytes (default 512)")
     passes.set_defaults(run=cmd_passes)
+    bench_parser = sub.add_parser("bench", help="compare every backend: table, JSON, CSV, plots")
+    bench_parser.add_argument("--quick", action="store_true", help="a sweep under a minute")
+    bench_parser.add_argument("--out", default="gctrack-bench", help="output folder")
+    bench_parser.set_defaults(run=cmd_bench)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
