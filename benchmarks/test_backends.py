@@ -8,7 +8,7 @@ import pytest
 
 import gctrack
 from conftest import CARD_SIZE, MiB, RawArena, require, smoke_run, written_offsets
-from gctrack.bench import SLOW_SETUP_PAGES
+from gctrack.bench import SLOW_SETUP_PAGES, skip_reason
 from gctrack.testing import store_bytes
 
 BACKENDS = ["pagemap_scan", "mprotect", "uffd_sync", "soft_dirty", "software"]
@@ -73,8 +73,9 @@ def test_collect_and_rearm(benchmark, arenas, fraction, impl):
         return
     require(impl)
     offsets = written_offsets(arena, fraction).astype(numpy.uint64)
-    if len(offsets) > SLOW_SETUP_PAGES.get(impl, len(offsets)):
-        pytest.skip(f"{impl}: setting up {len(offsets)} first writes per round takes too long")
+    reason = skip_reason(impl, len(offsets), scattered=fraction < 1)
+    if reason:
+        pytest.skip(reason)
     with gctrack.Tracker(arena, backend=impl) as tracker:
         cards = gctrack.CardTable.for_arena(arena, CARD_SIZE)
 
@@ -82,7 +83,7 @@ def test_collect_and_rearm(benchmark, arenas, fraction, impl):
             store_bytes(arena, offsets, tracker)
             cards.clear()
 
-        slow = impl in SLOW_SETUP_PAGES and len(offsets) > 10000
+        slow = impl in SLOW_SETUP_PAGES and len(offsets) > 10000   # fewer rounds
         stats = benchmark.pedantic(tracker.collect, args=(cards,), setup=dirty_the_pages,
                                    rounds=5 if slow else 15, iterations=1, warmup_rounds=1)
         assert stats.pages == len(offsets)

@@ -7,6 +7,25 @@ import pytest
 import gctrack
 
 
+#: (backend, writes, passes, false positives) from the race tests, summarised at the end.
+RACE_RESULTS: list[tuple[str, int, int, int]] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RACE_RESULTS:
+        return
+    terminalreporter.write_sep("-", "no-lost-writes races: false positives")
+    totals: dict[str, list[int]] = {}
+    for backend, writes, passes, false_positives in RACE_RESULTS:
+        row = totals.setdefault(backend, [0, 0, 0])
+        row[0] += writes
+        row[1] += passes
+        row[2] += false_positives
+    for backend, (writes, passes, false_positives) in totals.items():
+        terminalreporter.write_line(f"{backend:<14} {writes:>8} writes {passes:>7} passes, "
+                                    f"false positives {false_positives / writes:.4%}")
+
+
 def pytest_addoption(parser):
     parser.addoption("--soak", action="store_true", help="run the long stress soaks too")
 

@@ -13,7 +13,7 @@ import numpy
 import pytest
 
 import gctrack
-from conftest import RACING_BACKENDS, require
+from conftest import RACE_RESULTS, RACING_BACKENDS, require
 from gctrack.testing import NativeWriters
 
 THREADS = 3
@@ -59,8 +59,7 @@ def check_no_lost_writes(tracker, arena, rounds, pages_per_round, dense, pause, 
         false_positives += len(reported) - len(written)
         total_passes += passes
         total_writes += len(written)
-    print(f"\n{tracker.backend}: {total_writes} writes, {total_passes} passes, "
-          f"false positives {false_positives / total_writes:.4%}")
+    RACE_RESULTS.append((tracker.backend, total_writes, total_passes, false_positives))
     return total_passes, total_writes
 
 
