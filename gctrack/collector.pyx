@@ -33,6 +33,7 @@ from gctrack.dirtymap cimport gct_bits_load
 from gctrack.heap cimport (Heap, HeapCore, heap_is_object, safepoint_resume_world,
                            safepoint_stop_world)
 from gctrack.tracker cimport tracker_pass_into
+from gctrack.threads cimport pthread_mutex_lock, pthread_mutex_unlock
 
 from gctrack.errors import TrackerError
 from gctrack.stats import CycleStats, PrecleanPass
@@ -49,10 +50,6 @@ cdef extern from *:
     bint gct_test_and_mark(uint64_t *marks, size_t bit) nogil
     uint64_t gct_load_u64(const uint64_t *p) nogil
     void gct_store_u64_relaxed(uint64_t *p, uint64_t v) nogil
-
-cdef extern from "<pthread.h>" nogil:
-    int pthread_mutex_lock(void *mutex)
-    int pthread_mutex_unlock(void *mutex)
 
 
 # ---- the gray stack ------------------------------------------------------------

@@ -11,13 +11,7 @@ from libc.stdint cimport uint64_t, uintptr_t
 from gctrack.arena cimport Arena
 from gctrack.software cimport SoftwareCore
 from gctrack.tracker cimport Tracker
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    ctypedef struct pthread_cond_t:
-        pass
+from gctrack.threads cimport pthread_mutex_t, pthread_cond_t
 
 
 ctypedef struct Safepoint:

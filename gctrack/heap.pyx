@@ -12,6 +12,9 @@ from gctrack.cards cimport CardTable
 from gctrack.dirtymap cimport gct_bits_set, gct_bits_load
 from gctrack.software cimport software_core_of, software_write_barrier
 from gctrack.tracker cimport Tracker
+from gctrack.threads cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
+                              pthread_mutex_unlock, pthread_cond_init, pthread_cond_destroy,
+                              pthread_cond_broadcast, pthread_cond_wait)
 
 from gctrack.errors import HeapFullError
 
@@ -21,15 +24,6 @@ cdef enum:
 #: The header word of an allocated object (a free object's header is 0).
 HEADER_LIVE = LIVE
 
-cdef extern from "<pthread.h>" nogil:
-    int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *mutex)
-    int pthread_mutex_lock(pthread_mutex_t *mutex)
-    int pthread_mutex_unlock(pthread_mutex_t *mutex)
-    int pthread_cond_init(pthread_cond_t *cond, const void *attr)
-    int pthread_cond_destroy(pthread_cond_t *cond)
-    int pthread_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex)
-    int pthread_cond_broadcast(pthread_cond_t *cond)
 
 cdef extern from *:
     """

@@ -17,15 +17,10 @@ from posix.time cimport clock_gettime, nanosleep, timespec, CLOCK_MONOTONIC
 from gctrack.heap cimport (Heap, HeapCore, heap_alloc, heap_is_object, heap_store,
                            safepoint_enter, safepoint_leave, safepoint_poll,
                            safepoint_resume_world, safepoint_stop_world)
+from gctrack.threads cimport pthread_t, pthread_create, pthread_join
 
 from gctrack.errors import TrackerError
 
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_t:
-        pass
-    int pthread_create(pthread_t *thread, const void *attr,
-                       void *(*start)(void *) noexcept nogil, void *arg)
-    int pthread_join(pthread_t thread, void **retval)
 
 cdef extern from *:
     """

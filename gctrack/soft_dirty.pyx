@@ -23,6 +23,7 @@ from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink, touch
 from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_clear,
                                dirtymap_pass, dirtymap_record)
 from gctrack.linux cimport GCT_PM_ENTRY_SOFT_DIRTY
+from gctrack.threads cimport pthread_mutex_t, pthread_mutex_lock, pthread_mutex_unlock
 
 from gctrack.errors import TrackerError
 
@@ -32,11 +33,7 @@ cdef extern from *:
     #include <pthread.h>
     static pthread_mutex_t gct_soft_dirty_lock = PTHREAD_MUTEX_INITIALIZER;
     """
-    ctypedef struct pthread_mutex_t:
-        pass
     pthread_mutex_t registry_lock "gct_soft_dirty_lock"
-    int pthread_mutex_lock(pthread_mutex_t *mutex) nogil
-    int pthread_mutex_unlock(pthread_mutex_t *mutex) nogil
 
 cdef enum:
     MAX_TRACKERS = 64

@@ -12,16 +12,10 @@ from libc.stdlib cimport calloc, free
 from gctrack.arena cimport Arena
 from gctrack.software cimport SoftwareBackend, SoftwareCore, software_write_barrier
 from gctrack.tracker cimport Tracker
+from gctrack.threads cimport pthread_t, pthread_create, pthread_join
 
 from gctrack.errors import TrackerError
 
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_t:
-        pass
-    int pthread_create(pthread_t *thread, const void *attr,
-                       void *(*start)(void *) noexcept nogil, void *arg)
-    int pthread_join(pthread_t thread, void **retval)
 
 cdef extern from *:
     """

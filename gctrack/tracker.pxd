@@ -3,15 +3,7 @@ from libc.stdint cimport uint64_t, uintptr_t
 from gctrack.arena cimport Arena
 from gctrack.backend cimport Backend, BackendCore, PassCounts
 from gctrack.cards cimport CardBits, CardTable
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_t:
-        pass
-    ctypedef struct pthread_mutex_t:
-        pass
-    ctypedef struct pthread_cond_t:
-        pass
+from gctrack.threads cimport pthread_t, pthread_mutex_t, pthread_cond_t
 
 
 ctypedef struct TrackerCore:

@@ -23,31 +23,17 @@ from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink
 from gctrack.cards cimport (CardBits, CardTable, cards_mark_regions, cards_merge,
                             cards_clear, cards_clear_range)
 from gctrack.linux cimport gct_page_region
+from gctrack.threads cimport (pthread_condattr_t, pthread_create, pthread_join,
+                              pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
+                              pthread_mutex_unlock, pthread_condattr_init,
+                              pthread_condattr_setclock, pthread_condattr_destroy,
+                              pthread_cond_init, pthread_cond_destroy, pthread_cond_signal,
+                              pthread_cond_timedwait)
 
 from gctrack import backends
 from gctrack.cards import REGION_DTYPE
 from gctrack.errors import TrackerError
 from gctrack.stats import LoopStats, PassStats
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_condattr_t:
-        pass
-    int pthread_create(pthread_t *thread, const void *attr,
-                       void *(*start)(void *) noexcept nogil, void *arg)
-    int pthread_join(pthread_t thread, void **retval)
-    int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *mutex)
-    int pthread_mutex_lock(pthread_mutex_t *mutex)
-    int pthread_mutex_unlock(pthread_mutex_t *mutex)
-    int pthread_condattr_init(pthread_condattr_t *attr)
-    int pthread_condattr_setclock(pthread_condattr_t *attr, int clock_id)
-    int pthread_condattr_destroy(pthread_condattr_t *attr)
-    int pthread_cond_init(pthread_cond_t *cond, const pthread_condattr_t *attr)
-    int pthread_cond_destroy(pthread_cond_t *cond)
-    int pthread_cond_signal(pthread_cond_t *cond)
-    int pthread_cond_timedwait(pthread_cond_t *cond, pthread_mutex_t *mutex,
-                               const timespec *abstime)
 
 
 # ---- region sinks: where a pass's regions go --------------------------------

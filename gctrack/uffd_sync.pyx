@@ -21,6 +21,9 @@ from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_
 from gctrack.linux cimport (gct_uffd_msg, GCT_UFFD_USER_MODE_ONLY, GCT_UFFD_EVENT_PAGEFAULT,
                             GCT_UFFD_FEATURE_WP_UNPOPULATED, uffd_open, uffd_api,
                             uffd_register_wp, uffd_wake, uffd_writeprotect)
+from gctrack.threads cimport (pthread_t, pthread_mutex_t, pthread_create, pthread_join,
+                              pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
+                              pthread_mutex_unlock)
 
 from gctrack.errors import TrackerError
 
@@ -37,19 +40,6 @@ cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
     enum: EFD_CLOEXEC
     enum: EFD_NONBLOCK
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_t:
-        pass
-    int pthread_create(pthread_t *thread, const void *attr,
-                       void *(*start)(void *) noexcept nogil, void *arg)
-    int pthread_join(pthread_t thread, void **retval)
-    ctypedef struct pthread_mutex_t:
-        pass
-    int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *mutex)
-    int pthread_mutex_lock(pthread_mutex_t *mutex)
-    int pthread_mutex_unlock(pthread_mutex_t *mutex)
 
 
 ctypedef struct UffdSyncCore:
