@@ -74,7 +74,8 @@ cdef class Backend:
     cdef readonly object arena       # None once closed
     cdef long owner_pid              # the process that armed it (threads live there)
     cdef public bint claimed         # a Tracker drives it (one at most)
-    cdef int attach(self, object arena) except -1
+    cdef int attach(self, object arena, BackendCore *core, const char *name,
+                    size_t granularity) except -1
     cdef void detach(self) noexcept
     cdef void release(self) noexcept
     cdef bint forked(self) noexcept

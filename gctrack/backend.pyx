@@ -2,6 +2,7 @@
 """Backend: the base of every tracking mechanism (see backend.pxd)."""
 import errno
 
+from libc.stdint cimport uintptr_t
 from posix.unistd cimport getpid
 
 from gctrack.arena cimport Arena
@@ -15,9 +16,13 @@ cdef class Backend:
     A backend pins its arena, so the memory stays mapped while it is armed.
     """
 
-    cdef int attach(self, object arena) except -1:
-        """Pin the arena and claim it: one armed backend per arena."""
+    cdef int attach(self, object arena, BackendCore *core, const char *name,
+                    size_t granularity) except -1:
+        """Name the backend, claim and pin the arena (one armed backend per
+        arena), and point ``core`` at it: the subclass fills in the rest."""
         cdef Arena claimed = <Arena?>arena
+        core.name = name
+        self.name = name.decode()
         claimed.check_open()
         if claimed.armed_by is not None:
             raise TrackerError(errno.EBUSY, f"arming {self.name}",
@@ -26,6 +31,9 @@ cdef class Backend:
         claimed.armed_by = self.name
         self.arena = claimed
         self.owner_pid = getpid()
+        core.start = <uintptr_t>claimed.base
+        core.end = <uintptr_t>claimed.base + claimed.size
+        core.granularity = granularity
         return 0
 
     cdef bint forked(self) noexcept:

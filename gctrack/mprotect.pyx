@@ -86,16 +86,11 @@ cdef class MprotectBackend(Backend):
     cdef MprotectCore c
 
     def __cinit__(self, Arena arena not None, vector_len=None):
-        self.c.base.name = b"mprotect"
-        self.name = self.c.base.name.decode()
         self.c.slot = -1
-        self.attach(arena)
+        self.attach(arena, &self.c.base, b"mprotect", arena.page_size)
         self.c.base.run_pass = mprotect_pass
         self.c.base.rearm = rearm_range
         self.c.base.record = record_range
-        self.c.base.start = <uintptr_t>arena.base
-        self.c.base.end = <uintptr_t>arena.base + arena.size
-        self.c.base.granularity = arena.page_size
         self.c.dirty.protect = protect_range
         self.c.dirty.protect_ctx = NULL
         cdef unsigned shift = arena.page_size.bit_length() - 1

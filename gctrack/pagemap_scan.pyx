@@ -130,17 +130,12 @@ cdef class PagemapScanBackend(Backend):
         vector_len = operator.index(vector_len)
         if vector_len < 1:
             raise ValueError(f"vector_len must be >= 1, got {vector_len}")
-        self.c.base.name = b"pagemap_scan"
-        self.name = self.c.base.name.decode()
         self.c.uffd = -1
         self.c.pagemap_fd = -1
-        self.attach(arena)
+        self.attach(arena, &self.c.base, b"pagemap_scan", arena.page_size)
         self.c.base.run_pass = scan_pass
         self.c.base.rearm = rearm_range
         self.c.base.record = touch_pages
-        self.c.base.start = <uintptr_t>arena.base
-        self.c.base.end = <uintptr_t>arena.base + arena.size
-        self.c.base.granularity = arena.page_size
         self.c.vec_len = vector_len
         try:
             self.c.vec = <gct_page_region *>malloc(self.c.vec_len * sizeof(gct_page_region))

@@ -148,16 +148,11 @@ cdef class SoftDirtyBackend(Backend):
     cdef bint registered
 
     def __cinit__(self, Arena arena not None, vector_len=None):
-        self.c.base.name = b"soft_dirty"
-        self.name = self.c.base.name.decode()
         self.c.pagemap_fd = -1
-        self.attach(arena)
+        self.attach(arena, &self.c.base, b"soft_dirty", arena.page_size)
         self.c.base.run_pass = soft_dirty_pass
         self.c.base.rearm = rearm_range
         self.c.base.record = touch_pages
-        self.c.base.start = <uintptr_t>arena.base
-        self.c.base.end = <uintptr_t>arena.base + arena.size
-        self.c.base.granularity = arena.page_size
         cdef unsigned shift = arena.page_size.bit_length() - 1
         cdef int rc
         try:

@@ -37,15 +37,10 @@ cdef class SoftwareBackend(Backend):
     """A 64-byte-card dirty map that only the writers' barrier fills in."""
 
     def __cinit__(self, Arena arena not None, vector_len=None):
-        self.c.base.name = b"software"
-        self.name = self.c.base.name.decode()
-        self.attach(arena)
+        self.attach(arena, &self.c.base, b"software", CARD_SIZE)
         self.c.base.run_pass = software_pass
         self.c.base.rearm = clear_range
         self.c.base.record = record_range
-        self.c.base.start = <uintptr_t>arena.base
-        self.c.base.end = <uintptr_t>arena.base + arena.size
-        self.c.base.granularity = CARD_SIZE
         self.c.dirty.protect = NULL
         if dirtymap_init(&self.c.dirty, self.c.base.start, arena.size,
                          CARD_SIZE.bit_length() - 1, arena.page_size.bit_length() - 1):

@@ -166,17 +166,12 @@ cdef class UffdSyncBackend(Backend):
     cdef readonly str kernel_writes
 
     def __cinit__(self, Arena arena not None, vector_len=None):
-        self.c.base.name = b"uffd_sync"
-        self.name = self.c.base.name.decode()
         self.c.uffd = -1
         self.c.stop_fd = -1
-        self.attach(arena)
+        self.attach(arena, &self.c.base, b"uffd_sync", arena.page_size)
         self.c.base.run_pass = sync_pass
         self.c.base.rearm = rearm_range
         self.c.base.record = record_range
-        self.c.base.start = <uintptr_t>arena.base
-        self.c.base.end = <uintptr_t>arena.base + arena.size
-        self.c.base.granularity = arena.page_size
         self.c.dirty.protect = protect_range
         self.c.dirty.protect_ctx = &self.c
         pthread_mutex_init(&self.c.exclusion, NULL)
