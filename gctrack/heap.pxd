@@ -62,3 +62,4 @@ cdef class Heap:
     cdef public bint collecting                          # a Collector cycle is running
 
     cdef uintptr_t checked_object(self, object obj, str what) except 0
+    cdef size_t checked_slot(self, object slot) except? 0

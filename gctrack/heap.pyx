@@ -183,6 +183,12 @@ cdef class Heap:
             raise ValueError(f"{what} {obj:#x} is not an allocated object of this heap")
         return obj
 
+    cdef size_t checked_slot(self, object slot) except? 0:
+        slot = operator.index(slot)
+        if not 0 <= slot < <long>self.core.slots:
+            raise ValueError(f"slot {slot} is not in 0..{self.core.slots - 1}")
+        return slot
+
     @property
     def object_size(self):
         return self.core.object_size
@@ -240,19 +246,15 @@ cdef class Heap:
     def set_ref(self, obj, slot, target):
         """Store ``target`` (an object, or 0) into reference slot ``slot`` of ``obj``."""
         cdef uintptr_t o = self.checked_object(obj, "obj")
-        slot = operator.index(slot)
-        if not 0 <= slot < <long>self.core.slots:
-            raise ValueError(f"slot {slot} is not in 0..{self.core.slots - 1}")
+        cdef size_t index = self.checked_slot(slot)
         target = operator.index(target)
         cdef uintptr_t t = 0 if target == 0 else self.checked_object(target, "target")
-        heap_store(&self.core, o, slot, t)
+        heap_store(&self.core, o, index, t)
 
     def get_ref(self, obj, slot):
         cdef uintptr_t o = self.checked_object(obj, "obj")
-        slot = operator.index(slot)
-        if not 0 <= slot < <long>self.core.slots:
-            raise ValueError(f"slot {slot} is not in 0..{self.core.slots - 1}")
-        return (<uint64_t *>o)[1 + slot]
+        cdef size_t index = self.checked_slot(slot)
+        return (<uint64_t *>o)[1 + index]
 
     def add_root(self, obj):
         """Make ``obj`` a root; returns its root slot."""
