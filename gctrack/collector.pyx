@@ -262,7 +262,6 @@ cdef class Collector:
         cdef double t0, t1, t2
         cdef uint64_t rescanned, freed, previous = 0
         cdef size_t dirty
-        cdef PassCounts counts
         # 1. re-arm tracking while the mutators run: a pass re-protects just the
         # pages written since the last cycle. A store before it is visible to
         # the marker; a store after it lands on a dirty card.
@@ -288,7 +287,7 @@ cdef class Collector:
         preclean = []
         for _ in range(max_preclean):
             t0 = now()
-            counts = self.dirty_pass(False)
+            self.dirty_pass(False)
             dirty = cards_count(&self.cards.bits)
             with nogil:
                 rescanned = rescan_dirty(h, &self.cards.bits, &self.stack)
@@ -303,7 +302,7 @@ cdef class Collector:
         safepoint_stop_world(&h.safepoint)
         t0 = now()
         try:
-            counts = self.dirty_pass(True)
+            self.dirty_pass(True)
             dirty = cards_count(&self.cards.bits)
             mark_roots(h, &self.stack)
             rescan_dirty(h, &self.cards.bits, &self.stack)
