@@ -37,9 +37,16 @@ ctypedef struct BackendCore:
                     uint64_t max_pages, RegionSink *sink, PassCounts *counts) noexcept nogil
     # Re-arm [start, end) without reporting anything; 0 or -errno.
     int (*rearm)(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil
-    # Declare a write to [start, end) (inside the range), so the next pass
-    # reports it; for the software backend this is the write barrier.
+    # Declare a write to [start, end) (inside the range) that has completed,
+    # so the next pass reports it; for the software backend this is the
+    # write barrier. 0 or -errno.
     int (*record)(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil
+    # Bracket a write that bypasses the page-table fault path (DMA, O_DIRECT,
+    # /proc/PID/mem): begin makes [start, end) writable and keeps it so until
+    # the matching end, passes included; end records the range as written.
+    # Brackets nest and overlap. 0 or -errno.
+    int (*begin_external)(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil
+    int (*end_external)(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil
     const char *name                # the backend's name, as in gctrack.BACKENDS
     const char *failed_operation    # set with every error return
     uintptr_t start
@@ -54,6 +61,12 @@ cdef extern from *:
     }
     """
     void gct_touch_byte(char *p) nogil
+
+
+cdef inline int no_preparation(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil:
+    """begin_external for the backends whose pages the kernel can always
+    write: nothing to prepare, end_external (= record) does the work."""
+    return 0
 
 
 cdef inline int touch_pages(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil:

@@ -18,7 +18,7 @@ shared pass. What keeps writes from being lost, or reported late:
 A write that lands between a pass's take and its re-protect falls on a unit
 that this pass reports.
 """
-from libc.stdint cimport uint64_t, uintptr_t
+from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from gctrack.backend cimport PassCounts, RegionSink
 from gctrack.linux cimport gct_page_region, GCT_PAGE_IS_WRITTEN
 
@@ -48,8 +48,11 @@ cdef extern from *:
     int gct_popcount64(uint64_t x) nogil
 
 
-# Makes [start, end) trap writes again; 0 or -errno.
+# Makes [start, end) trap writes again (or, as unprotect, stop trapping
+# them); 0 or -errno.
 ctypedef int (*ProtectFn)(void *ctx, uintptr_t start, uintptr_t end) noexcept nogil
+# Takes or gives back the backend's pass exclusion (see above).
+ctypedef void (*ExclusionFn)(void *ctx) noexcept nogil
 
 ctypedef struct DirtyMap:
     uint64_t *words          # one bit per unit of [base, base + size)
@@ -60,7 +63,15 @@ ctypedef struct DirtyMap:
     unsigned unit_shift      # log2 of the unit (page or card) size
     unsigned page_shift      # log2 of the page size, for PassCounts.pages
     ProtectFn protect        # NULL when nothing needs re-protecting (software)
-    void *protect_ctx
+    ProtectFn unprotect
+    ExclusionFn exclude      # the backend's "take + re-protect" side of the
+    ExclusionFn allow        # exclusion; NULL when there is none (software)
+    void *protect_ctx        # passed to all four
+    # External-write brackets open on each unit (NULL until the first one):
+    # a unit with a count stays writable through passes and re-arms. Guarded
+    # by the backend's own pass exclusion, like protect.
+    uint32_t *holds
+    size_t open_holds        # brackets open now, over all units
 
 
 cdef inline void dirtymap_record(DirtyMap *m, uintptr_t addr) noexcept nogil:
@@ -88,6 +99,15 @@ cdef int dirtymap_init(DirtyMap *m, uintptr_t base, size_t size, unsigned unit_s
                        unsigned page_shift) noexcept nogil
 cdef void dirtymap_free(DirtyMap *m) noexcept nogil
 cdef void dirtymap_clear(DirtyMap *m, uintptr_t start, uintptr_t end) noexcept nogil
+cdef int dirtymap_protect_unheld(DirtyMap *m, uintptr_t start, uintptr_t end) noexcept nogil
+cdef int dirtymap_record_writable(DirtyMap *m, uintptr_t start, uintptr_t end,
+                                  const char **failed_operation) noexcept nogil
+cdef int dirtymap_rearm(DirtyMap *m, uintptr_t start, uintptr_t end,
+                        const char **failed_operation) noexcept nogil
+cdef int dirtymap_begin_external(DirtyMap *m, uintptr_t start, uintptr_t end,
+                                 const char **failed_operation) noexcept nogil
+cdef int dirtymap_end_external(DirtyMap *m, uintptr_t start, uintptr_t end,
+                               const char **failed_operation) noexcept nogil
 cdef int dirtymap_pass(DirtyMap *m, uintptr_t start, uintptr_t end, bint reset,
                        uint64_t max_units, RegionSink *sink, PassCounts *counts,
                        const char **failed_operation) noexcept nogil

@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The shared pass of the backends that record writes one at a time (see dirtymap.pxd)."""
-from libc.errno cimport ENOMEM
-from libc.stdint cimport uint64_t, uintptr_t
+from libc.errno cimport ENOMEM, EOVERFLOW
+from libc.stdint cimport uint32_t, uint64_t, uintptr_t, UINT32_MAX
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 
@@ -18,6 +18,8 @@ cdef int dirtymap_init(DirtyMap *m, uintptr_t base, size_t size, unsigned unit_s
     m.page_shift = page_shift
     m.num_units = (size + (<size_t>1 << unit_shift) - 1) >> unit_shift
     m.num_words = (m.num_units + 63) >> 6
+    m.holds = NULL
+    m.open_holds = 0
     m.words = <uint64_t *>calloc(m.num_words if m.num_words else 1, sizeof(uint64_t))
     return 0 if m.words != NULL else -ENOMEM
 
@@ -25,6 +27,9 @@ cdef int dirtymap_init(DirtyMap *m, uintptr_t base, size_t size, unsigned unit_s
 cdef void dirtymap_free(DirtyMap *m) noexcept nogil:
     free(m.words)
     m.words = NULL
+    free(m.holds)
+    m.holds = NULL
+    m.open_holds = 0
 
 
 ctypedef struct UnitRange:
@@ -59,6 +64,154 @@ cdef void dirtymap_clear(DirtyMap *m, uintptr_t start, uintptr_t end) noexcept n
         return
     for w in range(r.first >> 6, ((r.after - 1) >> 6) + 1):
         gct_bits_clear(&m.words[w], word_mask(w, r))
+
+
+cdef int hold_units(DirtyMap *m, UnitRange r) noexcept nogil:
+    """Open a bracket on units r; -ENOMEM or -EOVERFLOW (2^32 - 1 brackets
+    on one unit) leave nothing changed."""
+    cdef size_t u
+    if m.holds == NULL:
+        m.holds = <uint32_t *>calloc(m.num_units if m.num_units else 1, sizeof(uint32_t))
+        if m.holds == NULL:
+            return -ENOMEM
+    for u in range(r.first, r.after):
+        if m.holds[u] == UINT32_MAX:
+            return -EOVERFLOW
+    for u in range(r.first, r.after):
+        m.holds[u] += 1
+    m.open_holds += 1
+    return 0
+
+
+cdef void unhold_units(DirtyMap *m, UnitRange r) noexcept nogil:
+    """Close a bracket that hold_units opened on the same units."""
+    cdef size_t u
+    if m.holds == NULL or m.open_holds == 0:
+        return
+    for u in range(r.first, r.after):
+        if m.holds[u]:
+            m.holds[u] -= 1
+    m.open_holds -= 1
+
+
+cdef int dirtymap_protect_unheld(DirtyMap *m, uintptr_t start, uintptr_t end) noexcept nogil:
+    """Re-protect [start, end) (unit-aligned) except the units that an open
+    bracket keeps writable; 0 or the first -errno."""
+    cdef UnitRange r
+    cdef size_t u, run_first
+    cdef int rc
+    if m.open_holds == 0:
+        return m.protect(m.protect_ctx, start, end)
+    r = units_of(m, start, end)
+    u = r.first
+    while u < r.after:
+        while u < r.after and m.holds[u]:
+            u += 1
+        run_first = u
+        while u < r.after and not m.holds[u]:
+            u += 1
+        if u > run_first:
+            rc = m.protect(m.protect_ctx, m.base + (<uintptr_t>run_first << m.unit_shift),
+                           m.base + (<uintptr_t>u << m.unit_shift))
+            if rc:
+                return rc
+    return 0
+
+
+# ---- record, re-arm and external-write brackets, under the exclusion ----------
+
+cdef inline void exclude(DirtyMap *m) noexcept nogil:
+    if m.exclude != NULL:
+        m.exclude(m.protect_ctx)
+
+
+cdef inline void allow(DirtyMap *m) noexcept nogil:
+    if m.allow != NULL:
+        m.allow(m.protect_ctx)
+
+
+cdef inline uintptr_t unit_start(DirtyMap *m, size_t unit) noexcept nogil:
+    """The address where ``unit`` starts (clipped to the end of the map)."""
+    cdef uintptr_t address = m.base + (<uintptr_t>unit << m.unit_shift)
+    return address if address < m.base + m.size else m.base + m.size
+
+
+cdef int unprotect_units(DirtyMap *m, UnitRange r, const char **failed_operation) noexcept nogil:
+    cdef int rc = 0
+    if m.unprotect != NULL and r.first < r.after:
+        rc = m.unprotect(m.protect_ctx, unit_start(m, r.first), unit_start(m, r.after))
+        if rc:
+            failed_operation[0] = "making pages writable"
+    return rc
+
+
+cdef int dirtymap_record_writable(DirtyMap *m, uintptr_t start, uintptr_t end,
+                                  const char **failed_operation) noexcept nogil:
+    """record(): mark the units of [start, end) dirty, then make them writable,
+    in the fault handler's order; the next pass reports and re-arms them."""
+    cdef UnitRange r = units_of(m, start, end)
+    cdef int rc
+    if r.first >= r.after:
+        return 0
+    exclude(m)
+    dirtymap_record_range(m, start, end)
+    rc = unprotect_units(m, r, failed_operation)
+    allow(m)
+    return rc
+
+
+cdef int dirtymap_rearm(DirtyMap *m, uintptr_t start, uintptr_t end,
+                        const char **failed_operation) noexcept nogil:
+    """Forget the writes to [start, end) and trap new ones (held units stay writable)."""
+    cdef UnitRange r = units_of(m, start, end)
+    cdef int rc = 0
+    if r.first >= r.after:
+        return 0
+    exclude(m)
+    dirtymap_clear(m, start, end)
+    if m.protect != NULL:
+        rc = dirtymap_protect_unheld(m, unit_start(m, r.first), unit_start(m, r.after))
+        if rc:
+            failed_operation[0] = "re-protecting pages"
+    allow(m)
+    return rc
+
+
+cdef int dirtymap_begin_external(DirtyMap *m, uintptr_t start, uintptr_t end,
+                                 const char **failed_operation) noexcept nogil:
+    """Open a bracket: [start, end) becomes writable and stays so until the
+    matching end, whatever passes run meanwhile."""
+    cdef UnitRange r = units_of(m, start, end)
+    cdef int rc
+    if r.first >= r.after or m.protect == NULL:
+        return 0                    # nothing is ever protected: nothing to hold
+    exclude(m)
+    rc = hold_units(m, r)
+    if rc:
+        failed_operation[0] = "opening an external-write bracket"
+    else:
+        rc = unprotect_units(m, r, failed_operation)
+        if rc:
+            unhold_units(m, r)
+    allow(m)
+    return rc
+
+
+cdef int dirtymap_end_external(DirtyMap *m, uintptr_t start, uintptr_t end,
+                               const char **failed_operation) noexcept nogil:
+    """Close a bracket: mark [start, end) dirty (the write has completed), so
+    the next pass reports it and, once no bracket holds it, re-arms it."""
+    cdef UnitRange r = units_of(m, start, end)
+    cdef int rc
+    if r.first >= r.after:
+        return 0
+    exclude(m)
+    dirtymap_record_range(m, start, end)
+    rc = unprotect_units(m, r, failed_operation)    # already writable unless a hold failed
+    if m.protect != NULL:
+        unhold_units(m, r)
+    allow(m)
+    return rc
 
 
 cdef inline uint64_t lowest_bits(uint64_t x, uint64_t k) noexcept nogil:
@@ -115,7 +268,7 @@ cdef int flush_run(PassState *p, size_t first, size_t after) noexcept nogil:
     if p.reset:
         dirtymap_clear(m, start, end)                # take exactly this run's bits
         if m.protect != NULL:
-            rc = m.protect(m.protect_ctx, start, end)
+            rc = dirtymap_protect_unheld(m, start, end)
             p.counts.calls += 1
             if rc:
                 dirtymap_record_range(m, start, end)     # keep them dirty: nothing is lost

@@ -113,6 +113,15 @@ cdef inline int uffd_register_wp(int fd, uint64_t start, uint64_t length) noexce
     return 0 if ioctl(fd, GCT_UFFDIO_REGISTER, &reg) == 0 else -errno
 
 
+cdef inline int uffd_unregister(int fd, uint64_t start, uint64_t length) noexcept nogil:
+    """UFFDIO_UNREGISTER [start, start+length). It acts on the mm that created
+    the descriptor, so a forked child must never call it on an inherited one."""
+    cdef gct_uffdio_range range_
+    range_.start = start
+    range_.len = length
+    return 0 if ioctl(fd, GCT_UFFDIO_UNREGISTER, &range_) == 0 else -errno
+
+
 cdef inline int uffd_writeprotect(int fd, uint64_t start, uint64_t length,
                                   bint protect) noexcept nogil:
     """UFFDIO_WRITEPROTECT: protect (or unprotect and wake) a range."""

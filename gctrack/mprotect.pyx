@@ -4,8 +4,10 @@
 Armed pages are read-only. The first write to one raises SIGSEGV; the
 handler (mprotect_handler.c, async-signal-safe) records the page and makes
 it writable. A pass takes the recorded pages, makes them read-only again and
-reports them; handlers of the arena wait while it does. The kernel cannot write into a read-only page: read() into an
-armed page fails with EFAULT unless Tracker.record() dirtied it first.
+reports them; handlers of the arena wait while it does. The kernel cannot
+write into a read-only page: read() into an armed page fails with EFAULT
+unless it runs inside Tracker.external_write(), which keeps the range
+writable until the write has completed.
 """
 from libc.errno cimport errno, ENOSPC
 from libc.stdint cimport uint64_t, uintptr_t
@@ -13,8 +15,9 @@ from posix.mman cimport mprotect, PROT_READ, PROT_WRITE
 
 from gctrack.arena cimport Arena
 from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink
-from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_clear,
-                               dirtymap_pass, dirtymap_record_range)
+from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_pass,
+                               dirtymap_record_writable, dirtymap_rearm,
+                               dirtymap_begin_external, dirtymap_end_external)
 
 from gctrack.errors import TrackerError
 
@@ -47,33 +50,36 @@ cdef int mprotect_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint r
     return rc
 
 
+cdef int unprotect_range(void *ctx, uintptr_t start, uintptr_t end) noexcept nogil:
+    return 0 if mprotect(<void *>start, end - start, PROT_READ | PROT_WRITE) == 0 else -errno
+
+
+cdef void exclude_handlers(void *ctx) noexcept nogil:
+    gct_mp_begin_pass((<MprotectCore *>ctx).slot)
+
+
+cdef void allow_handlers(void *ctx) noexcept nogil:
+    gct_mp_end_pass((<MprotectCore *>ctx).slot)
+
+
 cdef int record_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
     """Mark [start, end) dirty and writable, as the handler would."""
-    cdef MprotectCore *core = <MprotectCore *>base
-    cdef uintptr_t page_mask = base.granularity - 1
-    cdef int rc = 0
-    if start >= end:
-        return 0
-    start &= ~page_mask
-    end = (end + page_mask) & ~page_mask
-    gct_mp_begin_pass(core.slot)
-    dirtymap_record_range(&core.dirty, start, end)
-    if mprotect(<void *>start, end - start, PROT_READ | PROT_WRITE) != 0:
-        rc = -errno
-        base.failed_operation = "mprotect"
-    gct_mp_end_pass(core.slot)
-    return rc
+    return dirtymap_record_writable(&(<MprotectCore *>base).dirty, start, end,
+                                    &base.failed_operation)
 
 
 cdef int rearm_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
-    cdef MprotectCore *core = <MprotectCore *>base
-    gct_mp_begin_pass(core.slot)
-    dirtymap_clear(&core.dirty, start, end)
-    cdef int rc = protect_range(NULL, start, end)
-    gct_mp_end_pass(core.slot)
-    if rc:
-        base.failed_operation = "mprotect"
-    return rc
+    return dirtymap_rearm(&(<MprotectCore *>base).dirty, start, end, &base.failed_operation)
+
+
+cdef int begin_external(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
+    return dirtymap_begin_external(&(<MprotectCore *>base).dirty, start, end,
+                                   &base.failed_operation)
+
+
+cdef int end_external(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
+    return dirtymap_end_external(&(<MprotectCore *>base).dirty, start, end,
+                                 &base.failed_operation)
 
 
 def handler_faults():
@@ -91,8 +97,13 @@ cdef class MprotectBackend(Backend):
         self.c.base.run_pass = mprotect_pass
         self.c.base.rearm = rearm_range
         self.c.base.record = record_range
+        self.c.base.begin_external = begin_external
+        self.c.base.end_external = end_external
         self.c.dirty.protect = protect_range
-        self.c.dirty.protect_ctx = NULL
+        self.c.dirty.unprotect = unprotect_range
+        self.c.dirty.exclude = exclude_handlers
+        self.c.dirty.allow = allow_handlers
+        self.c.dirty.protect_ctx = &self.c
         cdef unsigned shift = arena.page_size.bit_length() - 1
         cdef int rc
         try:

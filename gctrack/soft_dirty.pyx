@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Soft-dirty bits: /proc/self/clear_refs "4" and bit 55 of /proc/self/pagemap.
 
-Needs CONFIG_MEM_SOFT_DIRTY (the probe checks). Two limits of the mechanism,
+Needs CONFIG_MEM_SOFT_DIRTY (the constructor checks, on a scratch page, and
+raises UnsupportedError without it). Two limits of the mechanism,
 not of this code:
 
 - clear_refs resets the soft-dirty bits of the whole process. So that two
@@ -16,16 +17,17 @@ from libc.errno cimport errno, EIO, ENOSPC
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from posix.fcntl cimport open as c_open, O_RDONLY, O_WRONLY, O_CLOEXEC
-from posix.unistd cimport close, pread, write
+from posix.mman cimport mmap, munmap, MAP_FAILED, PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS
+from posix.unistd cimport access, close, pread, write, W_OK
 
 from gctrack.arena cimport Arena
-from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink, touch_pages
+from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink, no_preparation
 from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_clear,
-                               dirtymap_pass, dirtymap_record)
+                               dirtymap_pass, dirtymap_record, dirtymap_record_range)
 from gctrack.linux cimport GCT_PM_ENTRY_SOFT_DIRTY
 from gctrack.threads cimport pthread_mutex_t, pthread_mutex_lock, pthread_mutex_unlock
 
-from gctrack.errors import TrackerError
+from gctrack.errors import TrackerError, UnsupportedError
 
 
 cdef extern from *:
@@ -121,6 +123,30 @@ cdef int rearm_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept
     return rc
 
 
+cdef int record_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
+    """Put [start, end) in the stash: the next pass reports it whatever the
+    page-table bits say (a write through a pinned page sets none)."""
+    if start < end:
+        dirtymap_record_range(&(<SoftDirtyCore *>base).stash, start, end)
+    return 0
+
+
+cdef bint soft_dirty_tracked(int pagemap_fd, size_t page_size) noexcept nogil:
+    """Whether this kernel tracks soft-dirty bits: a freshly written private
+    page shows bit 55 wherever it does. Uses a scratch page, so that nothing
+    of the process is cleared to find out."""
+    cdef char *page = <char *>mmap(NULL, page_size, PROT_READ | PROT_WRITE,
+                                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    cdef uint64_t entry = 0
+    if page == <char *>MAP_FAILED:
+        return False
+    page[0] = 1
+    if pread(pagemap_fd, &entry, 8, (<uintptr_t>page // page_size) * 8) != 8:
+        entry = 0
+    munmap(page, page_size)
+    return (entry & GCT_PM_ENTRY_SOFT_DIRTY) != 0
+
+
 cdef int register_core(SoftDirtyCore *core) noexcept nogil:
     cdef int i, slot = -1
     pthread_mutex_lock(&registry_lock)
@@ -152,7 +178,9 @@ cdef class SoftDirtyBackend(Backend):
         self.attach(arena, &self.c.base, b"soft_dirty", arena.page_size)
         self.c.base.run_pass = soft_dirty_pass
         self.c.base.rearm = rearm_range
-        self.c.base.record = touch_pages
+        self.c.base.record = record_range
+        self.c.base.begin_external = no_preparation
+        self.c.base.end_external = record_range
         cdef unsigned shift = arena.page_size.bit_length() - 1
         cdef int rc
         try:
@@ -160,7 +188,14 @@ cdef class SoftDirtyBackend(Backend):
                 raise MemoryError()
             self.c.pagemap_fd = c_open(b"/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
             if self.c.pagemap_fd < 0:
-                raise TrackerError(errno, "open /proc/self/pagemap")
+                raise UnsupportedError("soft_dirty", "cannot open /proc/self/pagemap: "
+                                       "no procfs, or CONFIG_PROC_PAGE_MONITOR is off", errno)
+            if not soft_dirty_tracked(self.c.pagemap_fd, arena.page_size):
+                raise UnsupportedError("soft_dirty", "a written page never shows bit 55: "
+                                       "kernel built without CONFIG_MEM_SOFT_DIRTY")
+            if access(b"/proc/self/clear_refs", W_OK) != 0:
+                raise UnsupportedError("soft_dirty", "/proc/self/clear_refs is not writable",
+                                       errno)
             if register_core(&self.c) < 0:
                 raise TrackerError(ENOSPC, "registering a soft-dirty tracker", "at most 64")
             self.registered = True

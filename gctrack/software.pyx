@@ -1,14 +1,15 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Software card marking: no help from the OS.
 
-Writers report their stores themselves, through Tracker.record(addr, length)
-or, from Cython, the inline software_write_barrier() in software.pxd. Exact
+Writers report their stores themselves, after each store: through
+Tracker.record(addr, length), from Cython the inline software_write_barrier()
+in software.pxd, or from C gct_barrier_mark() in gctrack.h. Exact
 at 64-byte card granularity; a store that skips the barrier is not seen.
 """
 from libc.stdint cimport uint64_t, uintptr_t
 
 from gctrack.arena cimport Arena
-from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink
+from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink, no_preparation
 from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_clear,
                                dirtymap_pass, dirtymap_record_range)
 
@@ -41,15 +42,23 @@ cdef class SoftwareBackend(Backend):
         self.c.base.run_pass = software_pass
         self.c.base.rearm = clear_range
         self.c.base.record = record_range
+        self.c.base.begin_external = no_preparation
+        self.c.base.end_external = record_range
         self.c.dirty.protect = NULL
         if dirtymap_init(&self.c.dirty, self.c.base.start, arena.size,
                          CARD_SIZE.bit_length() - 1, arena.page_size.bit_length() - 1):
             self.release()
             raise MemoryError()
+        self.c.barrier.words = self.c.dirty.words
+        self.c.barrier.base = self.c.dirty.base
+        self.c.barrier.card_shift = self.c.dirty.unit_shift
+        self.c.barrier.size = self.c.dirty.size
         self.core = &self.c.base
 
     cdef void release(self) noexcept:
+        self.c.barrier.size = 0         # inline barriers from now on mark nothing
         dirtymap_free(&self.c.dirty)
+        self.c.barrier.words = NULL
         self.detach()
 
     def __dealloc__(self):

@@ -15,17 +15,18 @@ from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK
 from posix.unistd cimport close, read, write
 
 from gctrack.arena cimport Arena
-from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink
-from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_clear,
-                               dirtymap_pass, dirtymap_record, dirtymap_record_range)
+from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink, gct_touch_byte
+from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_pass,
+                               dirtymap_record, dirtymap_record_writable, dirtymap_rearm,
+                               dirtymap_begin_external, dirtymap_end_external)
 from gctrack.linux cimport (gct_uffd_msg, GCT_UFFD_USER_MODE_ONLY, GCT_UFFD_EVENT_PAGEFAULT,
                             GCT_UFFD_FEATURE_WP_UNPOPULATED, uffd_open, uffd_api,
-                            uffd_register_wp, uffd_wake, uffd_writeprotect)
+                            uffd_register_wp, uffd_unregister, uffd_wake, uffd_writeprotect)
 from gctrack.threads cimport (pthread_t, pthread_mutex_t, pthread_create, pthread_join,
                               pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
                               pthread_mutex_unlock)
 
-from gctrack.errors import TrackerError
+from gctrack.errors import TrackerError, UnsupportedError, userfaultfd_unsupported
 
 
 cdef extern from "<poll.h>" nogil:
@@ -122,35 +123,39 @@ cdef int sync_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset
     return rc
 
 
+cdef int unprotect_range(void *ctx, uintptr_t start, uintptr_t end) noexcept nogil:
+    """Un-protect (and wake the writers blocked on) [start, end)."""
+    return uffd_writeprotect((<UffdSyncCore *>ctx).uffd, start, end - start, False)
+
+
+cdef void exclude_handler(void *ctx) noexcept nogil:
+    pthread_mutex_lock(&(<UffdSyncCore *>ctx).exclusion)
+
+
+cdef void allow_handler(void *ctx) noexcept nogil:
+    pthread_mutex_unlock(&(<UffdSyncCore *>ctx).exclusion)
+
+
 cdef int record_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
     """Mark [start, end) dirty and writable, as the handler would; the next
     pass re-arms it. This also re-arms pages whose write-protect markers a
     discard (MADV_DONTNEED) dropped without telling anyone."""
-    cdef UffdSyncCore *core = <UffdSyncCore *>base
-    cdef uintptr_t page_mask = base.granularity - 1
-    cdef int rc = 0
-    if start >= end:
-        return 0
-    start &= ~page_mask
-    end = (end + page_mask) & ~page_mask
-    pthread_mutex_lock(&core.exclusion)
-    dirtymap_record_range(&core.dirty, start, end)
-    rc = uffd_writeprotect(core.uffd, start, end - start, False)
-    pthread_mutex_unlock(&core.exclusion)
-    if rc:
-        base.failed_operation = "UFFDIO_WRITEPROTECT"
-    return rc
+    return dirtymap_record_writable(&(<UffdSyncCore *>base).dirty, start, end,
+                                    &base.failed_operation)
 
 
 cdef int rearm_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
-    cdef UffdSyncCore *core = <UffdSyncCore *>base
-    pthread_mutex_lock(&core.exclusion)
-    dirtymap_clear(&core.dirty, start, end)
-    cdef int rc = uffd_writeprotect(core.uffd, start, end - start, True)
-    pthread_mutex_unlock(&core.exclusion)
-    if rc:
-        base.failed_operation = "UFFDIO_WRITEPROTECT"
-    return rc
+    return dirtymap_rearm(&(<UffdSyncCore *>base).dirty, start, end, &base.failed_operation)
+
+
+cdef int begin_external(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
+    return dirtymap_begin_external(&(<UffdSyncCore *>base).dirty, start, end,
+                                   &base.failed_operation)
+
+
+cdef int end_external(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
+    return dirtymap_end_external(&(<UffdSyncCore *>base).dirty, start, end,
+                                 &base.failed_operation)
 
 
 cdef class UffdSyncBackend(Backend):
@@ -158,12 +163,15 @@ cdef class UffdSyncBackend(Backend):
 
     ``kernel_writes`` says what a write by the kernel (read() into the arena)
     does: with the privilege to open a full userfaultfd the handler resolves
-    it; with a user-mode-only one it fails with EFAULT unless ``record()``
-    pre-dirtied the range. Discarding pages (MADV_DONTNEED) silently un-arms
-    them: use Tracker.discard(), or record() the range after discarding.
+    it; with a user-mode-only one it fails with EFAULT outside
+    Tracker.external_write(). Discarding pages (MADV_DONTNEED) silently
+    un-arms them: use Tracker.discard(), or record() the range after
+    discarding. Arming proves the mechanism (UnsupportedError where
+    userfaultfd is missing or denied); it starts one handler thread.
     """
     cdef UffdSyncCore c
     cdef readonly str kernel_writes
+    cdef bint registered
 
     def __cinit__(self, Arena arena not None, vector_len=None):
         self.c.uffd = -1
@@ -172,7 +180,12 @@ cdef class UffdSyncBackend(Backend):
         self.c.base.run_pass = sync_pass
         self.c.base.rearm = rearm_range
         self.c.base.record = record_range
+        self.c.base.begin_external = begin_external
+        self.c.base.end_external = end_external
         self.c.dirty.protect = protect_range
+        self.c.dirty.unprotect = unprotect_range
+        self.c.dirty.exclude = exclude_handler
+        self.c.dirty.allow = allow_handler
         self.c.dirty.protect_ctx = &self.c
         pthread_mutex_init(&self.c.exclusion, NULL)
         try:
@@ -181,6 +194,7 @@ cdef class UffdSyncBackend(Backend):
                 raise MemoryError()
             self.open_uffd(arena)
             self.arm(arena)
+            self.prove()
         except BaseException:
             self.release()
             raise
@@ -192,9 +206,9 @@ cdef class UffdSyncBackend(Backend):
         self.kernel_writes = "resolved by the handler thread"
         if self.c.uffd == -EPERM:
             self.c.uffd = uffd_open(O_CLOEXEC | O_NONBLOCK | GCT_UFFD_USER_MODE_ONLY)
-            self.kernel_writes = "EFAULT unless record() dirtied the range first"
+            self.kernel_writes = "EFAULT outside Tracker.external_write()"
         if self.c.uffd < 0:
-            raise TrackerError(-self.c.uffd, "userfaultfd")
+            raise userfaultfd_unsupported("uffd_sync", "userfaultfd", -self.c.uffd)
         cdef int rc = uffd_api(self.c.uffd, GCT_UFFD_FEATURE_WP_UNPOPULATED, NULL)
         if rc == -EINVAL:
             # Before Linux 6.4 unpopulated pages cannot be armed: populate them.
@@ -203,13 +217,17 @@ cdef class UffdSyncBackend(Backend):
             rc = uffd_api(self.c.uffd, 0, NULL) if self.c.uffd >= 0 else self.c.uffd
             arena.prefault()
         if rc:
-            raise TrackerError(-rc, "UFFDIO_API")
+            raise userfaultfd_unsupported("uffd_sync", "UFFDIO_API", -rc)
 
     cdef arm(self, Arena arena):
         cdef int rc = uffd_register_wp(self.c.uffd, self.c.base.start, arena.size)
+        if rc == -EINVAL:
+            raise UnsupportedError("uffd_sync", "UFFDIO_REGISTER: write-protect mode rejected: "
+                                   "kernel older than 5.7", EINVAL)
         if rc:
             raise TrackerError(-rc, "UFFDIO_REGISTER",
                                "is the arena already tracked?" if rc == -EBUSY else "")
+        self.registered = True
         self.c.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if self.c.stop_fd < 0:
             raise TrackerError(errno, "eventfd")
@@ -222,6 +240,23 @@ cdef class UffdSyncBackend(Backend):
         if rc:
             raise TrackerError(-rc, "UFFDIO_WRITEPROTECT")
 
+    cdef prove(self):
+        """UnsupportedError unless the handler thread catches a write: write
+        the first page (an atomic add of 0 keeps its contents), check that
+        the handler recorded it, and re-arm it."""
+        cdef uintptr_t page = self.c.base.start
+        cdef bint caught
+        cdef int rc
+        with nogil:
+            gct_touch_byte(<char *>page)
+            caught = (self.c.dirty.words[0] & 1) != 0
+            rc = rearm_range(&self.c.base, page, page + self.c.base.granularity)
+        if not caught:
+            raise UnsupportedError("uffd_sync", "a write to an armed page never reached the "
+                                   "fault handler thread", errno_codes.ENOTSUP)
+        if rc:
+            raise TrackerError(-rc, "UFFDIO_WRITEPROTECT", "proving the mechanism")
+
     @property
     def faults(self):
         """Write faults the handler thread has resolved."""
@@ -229,13 +264,23 @@ cdef class UffdSyncBackend(Backend):
 
     cdef void release(self) noexcept:
         cdef uint64_t one = 1
-        if self.c.handler_alive and not self.forked():
+        cdef bint here = not self.forked()
+        if self.registered and here:
+            # Wake every blocked writer, then unregister explicitly: a forked
+            # child's copy of the descriptor would otherwise keep the range
+            # registered, and the next write here would block until it exits.
+            uffd_writeprotect(self.c.uffd, self.c.base.start,
+                              self.c.base.end - self.c.base.start, False)
+        if self.c.handler_alive and here:
             write(self.c.stop_fd, &one, sizeof(one))
             with nogil:
                 pthread_join(self.c.handler, NULL)
         self.c.handler_alive = False
+        if self.registered and here:
+            uffd_unregister(self.c.uffd, self.c.base.start, self.c.base.end - self.c.base.start)
+        self.registered = False
         if self.c.uffd >= 0:
-            close(self.c.uffd)      # unregisters, and wakes any writer still blocked
+            close(self.c.uffd)
             self.c.uffd = -1
         if self.c.stop_fd >= 0:
             close(self.c.stop_fd)
