@@ -34,10 +34,21 @@ class UnsupportedError(TrackerError):
         self.reason = reason
 
 
-def raise_for(err: int, operation: str, detail: str = "") -> None:
-    """Raise TrackerError for a negative-errno result from a nogil wrapper."""
-    if err < 0:
-        raise TrackerError(-err, operation, detail)
+#: What a failing userfaultfd(2) or userfaultfd ioctl means, by errno.
+USERFAULTFD_DENIALS = {
+    _errno.EPERM: "denied: vm.unprivileged_userfaultfd=0 without CAP_SYS_PTRACE, or a seccomp filter",
+    _errno.ENOSYS: "the kernel is built without CONFIG_USERFAULTFD",
+    _errno.EINVAL: "rejected: kernel older than 5.11 (no UFFD_USER_MODE_ONLY)",
+    _errno.ENOTTY: "unknown ioctl: kernel older than 6.7",
+}
+
+
+def userfaultfd_unsupported(mechanism: str, call: str, err: int) -> TrackerError:
+    """The error for a failed userfaultfd call: UnsupportedError when the
+    errno means the mechanism is missing here, else a plain TrackerError."""
+    if err in USERFAULTFD_DENIALS:
+        return UnsupportedError(mechanism, f"{call}: {USERFAULTFD_DENIALS[err]}", err)
+    return TrackerError(err, call)
 
 
 class HeapFullError(MemoryError):

@@ -5,9 +5,10 @@ Writes to the armed range are resolved by the kernel itself (no fault
 handler); one PAGEMAP_SCAN call with PM_SCAN_WP_MATCHING reports the pages
 written since the last pass and re-protects them atomically.
 """
+import errno as errno_codes
 import operator
 
-from libc.errno cimport errno, EBUSY
+from libc.errno cimport errno, EBUSY, EINVAL, ENOTTY
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
@@ -15,18 +16,21 @@ from posix.fcntl cimport open as c_open, O_RDONLY, O_CLOEXEC, O_NONBLOCK
 from posix.unistd cimport close
 
 from gctrack.arena cimport Arena
-from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink, touch_pages
+from gctrack.backend cimport (Backend, BackendCore, PassCounts, RegionSink, gct_touch_byte,
+                              no_preparation, touch_pages)
 from gctrack.linux cimport (
     gct_page_region, gct_pm_scan_arg, GCT_UFFD_USER_MODE_ONLY,
     GCT_UFFD_FEATURE_WP_ASYNC, GCT_UFFD_FEATURE_WP_UNPOPULATED, GCT_PAGE_IS_WRITTEN,
     GCT_PM_SCAN_WP_MATCHING, GCT_PM_SCAN_CHECK_WPASYNC,
-    uffd_open, uffd_api, uffd_register_wp, uffd_writeprotect, pagemap_scan)
+    uffd_open, uffd_api, uffd_register_wp, uffd_unregister, uffd_writeprotect, pagemap_scan)
 
-from gctrack.errors import TrackerError
+from gctrack.errors import TrackerError, UnsupportedError, userfaultfd_unsupported
 
 # Features this backend asks UFFDIO_API for.
 REQUIRED_FEATURES = GCT_UFFD_FEATURE_WP_ASYNC | GCT_UFFD_FEATURE_WP_UNPOPULATED
 DEFAULT_VECTOR_LEN = 4096
+#: The largest output vector (regions per PAGEMAP_SCAN call): 384 MiB of regions.
+MAX_VECTOR_LEN = 1 << 24
 
 
 ctypedef struct PagemapScanCore:
@@ -46,10 +50,20 @@ cdef inline uint64_t pages_in(const gct_page_region *regions, long n,
     return total // page_size
 
 
-cdef void redirty(BackendCore *base, const gct_page_region *regions, long n) noexcept nogil:
+cdef void mark_written_again(PagemapScanCore *core, uintptr_t start, uintptr_t end) noexcept nogil:
+    """After a failed pass: un-write-protect [start, end), so that every page
+    the kernel re-armed there without our seeing it reads as written to the
+    next pass. Never-populated pages stay unreported (nobody wrote them).
+    The kernel stops at the first range it cannot change (ENOENT at a hole
+    in the registration), past the pages this pass could have re-armed."""
+    uffd_writeprotect(core.uffd, start, end - start, False)
+
+
+cdef void mark_regions_written_again(PagemapScanCore *core, const gct_page_region *regions,
+                                     long n) noexcept nogil:
     cdef long i
     for i in range(n):
-        touch_pages(base, regions[i].start, regions[i].end)
+        mark_written_again(core, regions[i].start, regions[i].end)
 
 
 cdef uint64_t resume_point(const gct_pm_scan_arg *arg, const gct_page_region *vec,
@@ -87,7 +101,11 @@ cdef int scan_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset
         arg.max_pages = max_pages
         n = pagemap_scan(core.pagemap_fd, &arg)
         if n < 0:
+            # The kernel may have re-armed pages before failing, and their
+            # regions never reached us: make everything it walked read as written.
             base.failed_operation = "PAGEMAP_SCAN"
+            if reset:
+                mark_written_again(core, arg.start, arg.end)
             return <int>n
         pages = pages_in(core.vec, n, base.granularity)
         counts.calls += 1
@@ -98,10 +116,10 @@ cdef int scan_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset
             if rc:
                 base.failed_operation = "collecting regions"
                 if reset:
-                    redirty(base, core.vec, n)     # re-armed but unreported: write them again
+                    mark_regions_written_again(core, core.vec, n)   # re-armed, unreported
                 return rc
         # A short vector means the walk reached `end` (walk_end may then lag
-        # behind: see DESIGN.md). A full one means unreported pages may remain,
+        # behind it). A full one means unreported pages may remain,
         # still dirty and still armed: resume where the kernel stopped.
         if <uint64_t>n < core.vec_len:
             return 0
@@ -122,26 +140,62 @@ cdef int rearm_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept
     return rc
 
 
+cdef long prove_one_page(PagemapScanCore *core) noexcept nogil:
+    """Write the arena's first page (an atomic add of 0 keeps its contents),
+    ask PAGEMAP_SCAN whether it reads as written, and re-arm it. Returns the
+    regions reported (1 when the mechanism works), or -errno."""
+    cdef gct_pm_scan_arg arg
+    cdef uintptr_t page = core.base.start
+    gct_touch_byte(<char *>page)
+    memset(&arg, 0, sizeof(arg))
+    arg.size = sizeof(arg)
+    arg.flags = GCT_PM_SCAN_CHECK_WPASYNC
+    arg.start = page
+    arg.end = page + core.base.granularity
+    arg.vec = <uintptr_t>core.vec
+    arg.vec_len = 1
+    arg.category_mask = GCT_PAGE_IS_WRITTEN
+    arg.return_mask = GCT_PAGE_IS_WRITTEN
+    cdef long n = pagemap_scan(core.pagemap_fd, &arg)
+    cdef int rc = rearm_range(&core.base, page, page + core.base.granularity)
+    return n if n < 0 or rc == 0 else rc
+
+
+def checked_vector_len(vector_len):
+    """``vector_len`` as an int in 1..MAX_VECTOR_LEN, or ValueError/TypeError."""
+    vector_len = operator.index(vector_len)
+    if not 1 <= vector_len <= MAX_VECTOR_LEN:
+        raise ValueError(f"vector_len must be in 1..{MAX_VECTOR_LEN}, got {vector_len}")
+    return vector_len
+
+
 cdef class PagemapScanBackend(Backend):
-    """userfaultfd(WP_ASYNC) registration of an arena, scanned with PAGEMAP_SCAN."""
+    """userfaultfd(WP_ASYNC) registration of an arena, scanned with PAGEMAP_SCAN.
+
+    Arming proves the mechanism: UnsupportedError, with the reason, where
+    userfaultfd, WP_ASYNC or PAGEMAP_SCAN is missing or denied. Process-wide
+    side effects: none (two descriptors, both close-on-exec).
+    """
     cdef PagemapScanCore c
+    cdef bint registered
 
     def __cinit__(self, Arena arena not None, vector_len=DEFAULT_VECTOR_LEN):
-        vector_len = operator.index(vector_len)
-        if vector_len < 1:
-            raise ValueError(f"vector_len must be >= 1, got {vector_len}")
+        vector_len = checked_vector_len(vector_len)
         self.c.uffd = -1
         self.c.pagemap_fd = -1
         self.attach(arena, &self.c.base, b"pagemap_scan", arena.page_size)
         self.c.base.run_pass = scan_pass
         self.c.base.rearm = rearm_range
         self.c.base.record = touch_pages
+        self.c.base.begin_external = no_preparation   # the kernel resolves its own writes
+        self.c.base.end_external = touch_pages
         self.c.vec_len = vector_len
         try:
             self.c.vec = <gct_page_region *>malloc(self.c.vec_len * sizeof(gct_page_region))
             if self.c.vec == NULL:
                 raise MemoryError()
             self.arm()
+            self.prove()
         except BaseException:
             self.release()
             raise
@@ -153,25 +207,49 @@ cdef class PagemapScanBackend(Backend):
         cdef uint64_t length = self.c.base.end - self.c.base.start
         self.c.uffd = uffd_open(O_CLOEXEC | O_NONBLOCK | GCT_UFFD_USER_MODE_ONLY)
         if self.c.uffd < 0:
-            raise TrackerError(-self.c.uffd, "userfaultfd")
+            raise userfaultfd_unsupported("pagemap_scan", "userfaultfd", -self.c.uffd)
         rc = uffd_api(self.c.uffd, REQUIRED_FEATURES, NULL)
+        if rc == -EINVAL:
+            raise UnsupportedError("pagemap_scan", "UFFDIO_API lacks WP_ASYNC/WP_UNPOPULATED: "
+                                   "kernel older than 6.7", EINVAL)
         if rc:
-            raise TrackerError(-rc, "UFFDIO_API", "WP_ASYNC | WP_UNPOPULATED")
+            raise userfaultfd_unsupported("pagemap_scan", "UFFDIO_API", -rc)
         self.c.pagemap_fd = c_open(b"/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
         if self.c.pagemap_fd < 0:
-            raise TrackerError(errno, "open /proc/self/pagemap")
+            raise UnsupportedError("pagemap_scan", "cannot open /proc/self/pagemap: "
+                                   "no procfs, or CONFIG_PROC_PAGE_MONITOR is off", errno)
         rc = uffd_register_wp(self.c.uffd, self.c.base.start, length)
         if rc:
             raise TrackerError(-rc, "UFFDIO_REGISTER",
                                "is the arena already tracked?" if rc == -EBUSY else "")
+        self.registered = True
         with nogil:
             rc = rearm_range(&self.c.base, self.c.base.start, self.c.base.end)
         if rc:
             raise TrackerError(-rc, "UFFDIO_WRITEPROTECT")
 
+    cdef prove(self):
+        """UnsupportedError unless a write to an armed page reads as written."""
+        cdef long n
+        with nogil:
+            n = prove_one_page(&self.c)
+        if n == -ENOTTY or n == -EINVAL:
+            raise UnsupportedError("pagemap_scan", "PAGEMAP_SCAN: unknown ioctl: "
+                                   "kernel older than 6.7", -n)
+        if n < 0:
+            raise TrackerError(-n, "PAGEMAP_SCAN", "proving the mechanism")
+        if n != 1:
+            raise UnsupportedError("pagemap_scan", "a write to an armed page was not reported "
+                                   "by PAGEMAP_SCAN", errno_codes.ENOTSUP)
+
     cdef void release(self) noexcept:
+        if self.registered and not self.forked():
+            # Unregister explicitly: a forked child's copy of the descriptor
+            # would otherwise keep the range registered after close.
+            uffd_unregister(self.c.uffd, self.c.base.start, self.c.base.end - self.c.base.start)
+        self.registered = False
         if self.c.uffd >= 0:
-            close(self.c.uffd)      # the kernel unregisters the range
+            close(self.c.uffd)
             self.c.uffd = -1
         if self.c.pagemap_fd >= 0:
             close(self.c.pagemap_fd)
