@@ -57,6 +57,9 @@ cdef class Backend:
         self.detach()
 
     def close(self):
-        """Disarm and free the mechanism. Idempotent."""
+        """Disarm and free the mechanism. Idempotent. Refused (RuntimeError)
+        while a Tracker drives it: close the Tracker, which closes this."""
+        if self.claimed:
+            raise RuntimeError(f"this {self.name} backend belongs to a Tracker: close the Tracker")
         self.core = NULL
         self.release()

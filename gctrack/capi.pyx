@@ -8,7 +8,9 @@ from gctrack.arena cimport Arena
 from gctrack.backend cimport PassCounts
 from gctrack.cards cimport (CardBits, CardTable, cards_clear, cards_mark_range,
                             cards_next_clean, cards_next_dirty)
-from gctrack.tracker cimport Tracker, TrackerCore, tracker_drain, tracker_pass_into, tracker_record
+from gctrack.software cimport Barrier, SoftwareCore, software_core_of
+from gctrack.tracker cimport (Tracker, TrackerCore, tracker_begin_external, tracker_drain,
+                              tracker_end_external, tracker_pass_into, tracker_record)
 
 
 cdef extern from "gctrack/gctrack.h":
@@ -27,6 +29,9 @@ cdef extern from "gctrack/gctrack.h":
         size_t (*next_clean_card)(const CardBits *, size_t) noexcept nogil
         void (*mark_range)(CardBits *, uintptr_t, uintptr_t) noexcept nogil
         void (*clear_cards)(CardBits *) noexcept nogil
+        int (*begin_external_write)(gct_tracker *, uintptr_t, uintptr_t) noexcept nogil
+        int (*end_external_write)(gct_tracker *, uintptr_t, uintptr_t) noexcept nogil
+        const Barrier *(*barrier_handle)(PyObject *) except NULL
     unsigned GCTRACK_CAPI_VERSION
     const char *GCTRACK_CAPI_NAME
 
@@ -36,6 +41,16 @@ cdef gct_tracker *tracker_handle(PyObject *obj) except NULL:
     if tracker.closed:
         raise ValueError("tracker is closed")
     return <gct_tracker *>&tracker.core
+
+
+cdef const Barrier *barrier_handle(PyObject *obj) except NULL:
+    cdef Tracker tracker = <Tracker?><object>obj
+    if tracker.closed:
+        raise ValueError("tracker is closed")
+    cdef SoftwareCore *core = software_core_of(tracker.core.backend)
+    if core == NULL:
+        raise TypeError(f"only a software-backend tracker has a barrier, not {tracker.backend}")
+    return &core.barrier
 
 
 cdef CardBits *cards_handle(PyObject *obj) except NULL:
@@ -62,6 +77,14 @@ cdef int record(gct_tracker *t, uintptr_t start, uintptr_t end) noexcept nogil:
     return tracker_record(<TrackerCore *>t, start, end)
 
 
+cdef int begin_external_write(gct_tracker *t, uintptr_t start, uintptr_t end) noexcept nogil:
+    return tracker_begin_external(<TrackerCore *>t, start, end)
+
+
+cdef int end_external_write(gct_tracker *t, uintptr_t start, uintptr_t end) noexcept nogil:
+    return tracker_end_external(<TrackerCore *>t, start, end)
+
+
 cdef void mark_range(CardBits *cards, uintptr_t start, uintptr_t end) noexcept nogil:
     cards_mark_range(cards, start, end)
 
@@ -79,5 +102,8 @@ table.next_dirty_card = cards_next_dirty
 table.next_clean_card = cards_next_clean
 table.mark_range = mark_range
 table.clear_cards = cards_clear
+table.begin_external_write = begin_external_write
+table.end_external_write = end_external_write
+table.barrier_handle = barrier_handle
 
 _C_API = PyCapsule_New(&table, GCTRACK_CAPI_NAME, NULL)

@@ -32,7 +32,7 @@ from gctrack.cards cimport (CardBits, CardTable, cards_clear, cards_count, cards
 from gctrack.dirtymap cimport gct_bits_load
 from gctrack.heap cimport (Heap, HeapCore, heap_is_object, safepoint_resume_world,
                            safepoint_stop_world)
-from gctrack.tracker cimport tracker_pass_into
+from gctrack.tracker cimport tracker_owner_pass
 from gctrack.threads cimport pthread_mutex_lock, pthread_mutex_unlock
 
 from gctrack.errors import TrackerError
@@ -194,11 +194,12 @@ cdef class Collector:
         cdef int rc
         cards_clear(&self.cards.bits)
         if keep_gil:
-            rc = tracker_pass_into(&self.heap.tracker.core, &self.cards.bits, True, 0, &counts)
+            rc = tracker_owner_pass(&self.heap.tracker.core, &self.heap.core, &self.cards.bits,
+                                    &counts)
         else:
             with nogil:
-                rc = tracker_pass_into(&self.heap.tracker.core, &self.cards.bits, True, 0,
-                                       &counts)
+                rc = tracker_owner_pass(&self.heap.tracker.core, &self.heap.core,
+                                        &self.cards.bits, &counts)
         if rc:
             raise TrackerError(-rc, "tracking pass", "in the collector")
         return counts

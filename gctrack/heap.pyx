@@ -146,7 +146,7 @@ cdef class Heap:
             self.tracker.close()
             raise ValueError(f"{self.tracker.backend} passes are not atomic: precleaning beside "
                              "running mutators would lose stores")
-        self.tracker.reserved = True      # its passes are the collector's alone
+        self.tracker.reserve_for(&self.core)   # its passes are the collector's alone
         cdef HeapCore *h = &self.core
         h.base = <uintptr_t>self.arena.base
         h.object_size = object_size
@@ -292,6 +292,7 @@ cdef class Heap:
         """Disarm and unmap. Refused while native mutators or a cycle use the heap."""
         if self.core.safepoint.mutators or self.collecting:
             raise RuntimeError("native mutators or a collection still use this heap: stop them first")
+        self.tracker.release_reservation()
         self.tracker.close()
         self.arena.close()
 

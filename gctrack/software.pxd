@@ -1,14 +1,25 @@
 # cython: language_level=3
 """Software card marking: the writer itself records every store (a write barrier)."""
-from libc.stdint cimport uintptr_t
+from libc.stdint cimport uint64_t, uintptr_t
 from libc.string cimport strcmp
 from gctrack.backend cimport Backend, BackendCore
-from gctrack.dirtymap cimport DirtyMap, dirtymap_record
+from gctrack.dirtymap cimport DirtyMap
+
+
+cdef extern from "gctrack/gctrack.h" nogil:
+    # The barrier's view of the dirty map; the C API's gct_barrier (gctrack.h).
+    ctypedef struct Barrier "gct_barrier":
+        uint64_t *words
+        uintptr_t base
+        size_t size                 # 0 once closed: the barrier then marks nothing
+        unsigned card_shift
+    int barrier_mark "gct_barrier_mark"(const Barrier *b, uintptr_t addr)
 
 
 ctypedef struct SoftwareCore:
     BackendCore base            # first, so a BackendCore* is a SoftwareCore*
     DirtyMap dirty              # one bit per 64-byte card
+    Barrier barrier             # dirty's words and geometry, for the inline barrier
 
 
 cdef inline SoftwareCore *software_core_of(BackendCore *core) noexcept nogil:
@@ -19,13 +30,14 @@ cdef inline SoftwareCore *software_core_of(BackendCore *core) noexcept nogil:
     return NULL
 
 
-cdef inline void software_write_barrier(SoftwareCore *core, uintptr_t addr) noexcept nogil:
+cdef inline bint software_write_barrier(SoftwareCore *core, uintptr_t addr) noexcept nogil:
     """The card-marking barrier: call it after every store to addr, never
     before (a pass between the barrier and the store would miss the store).
 
-    addr must lie inside the tracked arena. Safe from any thread, no GIL.
+    Returns False, marking nothing, when addr is outside the tracked arena or
+    the tracker is closed. Safe from any thread, no GIL.
     """
-    dirtymap_record(&core.dirty, addr)
+    return barrier_mark(&core.barrier, addr)
 
 
 cdef class SoftwareBackend(Backend):

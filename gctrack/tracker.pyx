@@ -10,12 +10,13 @@ import operator
 
 import numpy
 
-from libc.errno cimport errno, EBADF, ECHILD, EINVAL, ENOMEM
+from libc.errno cimport errno, EBADF, EBUSY, ECHILD, EINVAL, ENOMEM, EPERM
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset
-from posix.mman cimport madvise, MADV_DONTNEED
-from posix.unistd cimport getpid
+from posix.mman cimport (madvise, mmap, munmap, MADV_DONTNEED, MAP_ANONYMOUS, MAP_FAILED,
+                         MAP_PRIVATE, PROT_READ, PROT_WRITE)
+from posix.unistd cimport getpid, sysconf, _SC_PAGESIZE
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from gctrack.arena cimport Arena
@@ -34,6 +35,31 @@ from gctrack import backends
 from gctrack.cards import REGION_DTYPE
 from gctrack.errors import TrackerError
 from gctrack.stats import LoopStats, PassStats
+
+
+cdef extern from *:
+    """
+    static inline int gct_load_flag(const int *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    """
+    int gct_load_flag(const int *p) nogil
+
+cdef extern from "<sys/mman.h>" nogil:
+    enum: MADV_WIPEONFORK       # Linux 4.14
+
+
+cdef void *wipe_on_fork_flag() noexcept nogil:
+    """A page holding the int 1 that reads 0 in any forked child (so the
+    C-level calls tell a child cheaply, without getpid()); NULL where the
+    kernel lacks MADV_WIPEONFORK, and callers fall back to getpid()."""
+    cdef void *page = mmap(NULL, <size_t>sysconf(_SC_PAGESIZE), PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if page == MAP_FAILED:
+        return NULL
+    if madvise(page, <size_t>sysconf(_SC_PAGESIZE), MADV_WIPEONFORK) != 0:
+        munmap(page, <size_t>sysconf(_SC_PAGESIZE))
+        return NULL
+    (<int *>page)[0] = 1
+    return page
 
 
 # ---- region sinks: where a pass's regions go --------------------------------
@@ -85,21 +111,81 @@ cdef int timed_pass(BackendCore *backend, uintptr_t start, uintptr_t end, bint r
     return rc
 
 
-cdef int tracker_pass_into(TrackerCore *t, CardBits *cards, bint reset,
-                           uint64_t max_pages, PassCounts *counts) noexcept nogil:
-    """One locked pass whose regions are marked into `cards`."""
+cdef inline bint forked(const TrackerCore *t) noexcept nogil:
+    """True in a forked child: the tracker's descriptors name the parent's
+    memory there, so any call would re-arm or steal the parent's pages."""
+    if t.armed_here != NULL:
+        return gct_load_flag(t.armed_here) == 0
+    return getpid() != t.owner_pid
+
+
+cdef inline int usable(const TrackerCore *t) noexcept nogil:
+    """0, or why no call may touch the tracker now."""
+    if t == NULL:
+        return -EINVAL
+    if forked(t):
+        return -ECHILD
+    if t.backend == NULL:
+        return -EBADF
+    return 0
+
+
+cdef inline int cards_cover(const CardBits *cards, const BackendCore *backend) noexcept nogil:
+    """0 when ``cards`` covers the whole arena: a pass re-arms every page it
+    reports, so a page it could not mark would never be reported again."""
+    if cards == NULL or cards.words == NULL:
+        return -EINVAL
+    if backend.start < cards.base or backend.end - cards.base > cards.size:
+        return -EINVAL
+    return 0
+
+
+cdef inline int in_arena(const BackendCore *backend, uintptr_t start, uintptr_t end) noexcept nogil:
+    if start < backend.start or end > backend.end or start > end:
+        return -EINVAL
+    return 0
+
+
+cdef int locked_pass(TrackerCore *t, const void *owner, CardBits *cards, bint reset,
+                     uint64_t max_pages, PassCounts *counts) noexcept nogil:
+    """One pass into ``cards``, under the lock, once every guard has passed."""
     cdef RegionSink sink
-    cdef int rc = -EBADF
-    if getpid() != t.owner_pid:
-        return -ECHILD        # a forked child: the descriptors name the parent's memory
+    cdef PassCounts ignored
+    cdef int rc
+    if counts == NULL:
+        counts = &ignored
     sink.emit = mark_cards
     sink.ctx = cards
     pthread_mutex_lock(&t.lock)
-    if t.backend != NULL:
+    rc = usable(t)
+    if rc == 0:
+        rc = cards_cover(cards, t.backend)
+    if rc == 0 and t.reserved_by != owner:
+        rc = -EPERM
+    if rc == 0 and t.loop_active:
+        rc = -EBUSY
+    if rc == 0:
         rc = timed_pass(t.backend, t.backend.start, t.backend.end, reset, max_pages,
                         &sink, counts)
     pthread_mutex_unlock(&t.lock)
     return rc
+
+
+cdef int tracker_pass_into(TrackerCore *t, CardBits *cards, bint reset,
+                           uint64_t max_pages, PassCounts *counts) noexcept nogil:
+    """One locked pass whose regions are marked into ``cards``."""
+    cdef int rc = usable(t)
+    if rc:
+        return rc
+    return locked_pass(t, NULL, cards, reset, max_pages, counts)
+
+
+cdef int tracker_owner_pass(TrackerCore *t, const void *owner, CardBits *cards,
+                            PassCounts *counts) noexcept nogil:
+    cdef int rc = usable(t)
+    if rc:
+        return rc
+    return locked_pass(t, owner, cards, True, 0, counts)
 
 
 cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noexcept nogil:
@@ -109,13 +195,21 @@ cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noex
     page lands in exactly one drain.
     """
     cdef RegionSink sink
-    cdef int rc = -EBADF
-    if getpid() != t.owner_pid:
-        return -ECHILD
+    cdef PassCounts ignored
+    cdef int rc = usable(t)
+    if rc:
+        return rc
+    if counts == NULL:
+        counts = &ignored
     sink.emit = mark_cards
     sink.ctx = &t.accumulated
     pthread_mutex_lock(&t.lock)
-    if t.backend != NULL:
+    rc = usable(t)
+    if rc == 0:
+        rc = cards_cover(cards, t.backend)
+    if rc == 0 and t.reserved_by != NULL:
+        rc = -EPERM
+    if rc == 0:
         rc = timed_pass(t.backend, t.backend.start, t.backend.end, True, 0, &sink, counts)
         cards_merge(cards, &t.accumulated)
         cards_clear(&t.accumulated)
@@ -124,15 +218,33 @@ cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noex
 
 
 cdef int tracker_record(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil:
-    """Declare a write to [start, end) (see Tracker.record); takes no lock."""
-    cdef BackendCore *backend = t.backend
-    if backend == NULL:
-        return -EBADF
-    if getpid() != t.owner_pid:
-        return -ECHILD
-    if start < backend.start or end > backend.end or start > end:
-        return -EINVAL
-    return backend.record(backend, start, end)
+    """Declare a completed write to [start, end) (see Tracker.record); takes no lock."""
+    cdef int rc = usable(t)
+    if rc == 0:
+        rc = in_arena(t.backend, start, end)
+    if rc == 0:
+        rc = t.backend.record(t.backend, start, end)
+    return rc
+
+
+cdef int tracker_begin_external(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil:
+    """Open an external-write bracket (see Tracker.external_write)."""
+    cdef int rc = usable(t)
+    if rc == 0:
+        rc = in_arena(t.backend, start, end)
+    if rc == 0:
+        rc = t.backend.begin_external(t.backend, start, end)
+    return rc
+
+
+cdef int tracker_end_external(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil:
+    """Close an external-write bracket: the range is reported by the next pass."""
+    cdef int rc = usable(t)
+    if rc == 0:
+        rc = in_arena(t.backend, start, end)
+    if rc == 0:
+        rc = t.backend.end_external(t.backend, start, end)
+    return rc
 
 
 cdef void add_counts(PassCounts *total, const PassCounts *one) noexcept nogil:
@@ -182,20 +294,16 @@ def _pass_stats(PassCounts counts):
                      seconds=counts.seconds)
 
 
-cdef raise_for_backend(int rc, BackendCore *backend):
-    if rc == -EBADF and backend == NULL:
-        raise ValueError("tracker is closed")
-    if rc:
-        raise TrackerError(-rc, backend.failed_operation.decode())
-
-
 cdef class Tracker:
     """Tracks which pages of an arena are written, through one backend.
 
-    Tracking starts at construction (every page armed). ``collect`` runs one
-    pass into a CardTable; ``start``/``drain``/``stop`` run passes in a native
-    background thread instead. ``backend`` is a name from gctrack.backends
-    (``"auto"`` picks the best available) or an armed Backend instance.
+    Tracking starts at construction (every page armed; writes made while the
+    constructor runs may or may not be reported). ``collect`` runs one pass
+    into a CardTable; ``start``/``drain``/``stop`` run passes in a native
+    background thread instead. ``backend`` is a name from gctrack.BACKENDS
+    (``"auto"`` tries them in AUTO_ORDER and raises UnsupportedError with
+    every reason when none works) or an armed Backend instance, which the
+    tracker then owns. ``vector_len`` sizes pagemap_scan's output vector.
     """
 
     def __cinit__(self, Arena arena not None, *, backend="auto", vector_len=None):
@@ -203,8 +311,8 @@ cdef class Tracker:
         self.arena = arena
         self.owner_pid = getpid()
         self.core.owner_pid = self.owner_pid
-        self.backend_object = backends.create(backend, arena, vector_len)
-        self.core.backend = self.backend_object.core
+        self.fork_page = wipe_on_fork_flag()
+        self.core.armed_here = <const int *>self.fork_page
         if pthread_mutex_init(&self.core.lock, NULL) != 0:
             raise MemoryError()
         cdef pthread_condattr_t attr
@@ -213,6 +321,8 @@ cdef class Tracker:
         pthread_cond_init(&self.core.wake, &attr)
         pthread_condattr_destroy(&attr)
         self.sync_ready = True
+        self.backend_object = backends.create(backend, arena, vector_len)
+        self.core.backend = self.backend_object.core
         self.accumulated_table = CardTable(arena.address, arena.size,
                                            self.core.backend.granularity)
         self.core.accumulated = self.accumulated_table.bits
@@ -228,6 +338,8 @@ cdef class Tracker:
         if self.sync_ready:
             pthread_cond_destroy(&self.core.wake)
             pthread_mutex_destroy(&self.core.lock)
+        if self.fork_page != NULL:
+            munmap(self.fork_page, <size_t>sysconf(_SC_PAGESIZE))
 
     @property
     def backend(self):
@@ -237,11 +349,28 @@ cdef class Tracker:
     @property
     def granularity(self):
         """Bytes that one report stands for (the page size for kernel backends)."""
+        self.check_usable()
         return self.core.backend.granularity
 
     @property
     def running(self):
+        """Whether the background pass loop runs."""
         return self.thread_alive
+
+    @property
+    def reserved(self):
+        """Whether a Heap owns this tracker's passes (its Collector runs them)."""
+        return self.core.reserved_by != NULL
+
+    cdef int reserve_for(self, const void *owner) except -1:
+        """Make the passes ``owner``'s alone (tracker_owner_pass); a Heap does."""
+        self.check_usable()
+        self.check_not_running()
+        self.core.reserved_by = owner
+        return 0
+
+    cdef void release_reservation(self) noexcept:
+        self.core.reserved_by = NULL
 
     cdef int check_usable(self) except -1:
         if self.closed:
@@ -259,7 +388,7 @@ cdef class Tracker:
         return self.check_not_reserved()
 
     cdef int check_not_reserved(self) except -1:
-        if self.reserved:
+        if self.core.reserved_by != NULL:
             raise RuntimeError("this tracker belongs to a Heap: only its Collector runs passes")
         return 0
 
@@ -284,7 +413,7 @@ cdef class Tracker:
         cdef int rc
         with nogil:
             rc = tracker_pass_into(&self.core, bits, rearm, 0, &counts)
-        raise_for_backend(rc, self.core.backend)
+        self.raise_for(rc)
         return _pass_stats(counts)
 
     def scan(self, *, reset=True, max_pages=0, addr=None, size=None):
@@ -297,8 +426,8 @@ cdef class Tracker:
         self.check_usable()
         self.check_not_running()
         max_pages = operator.index(max_pages)
-        if max_pages < 0:
-            raise ValueError(f"max_pages must be >= 0, got {max_pages}")
+        if not 0 <= max_pages < 2**64:
+            raise ValueError(f"max_pages must be in 0..2**64 - 1, got {max_pages}")
         cdef uint64_t limit = max_pages
         cdef uintptr_t start, end
         start, end = self.span_of(addr, size)
@@ -313,11 +442,11 @@ cdef class Tracker:
         try:
             with nogil:
                 pthread_mutex_lock(&self.core.lock)
-                rc = -EBADF
-                if self.core.backend != NULL:
+                rc = usable(&self.core)
+                if rc == 0:
                     rc = timed_pass(self.core.backend, start, end, rearm, limit, &sink, &counts)
                 pthread_mutex_unlock(&self.core.lock)
-            raise_for_backend(rc, self.core.backend)
+            self.raise_for(rc)
             out = numpy.empty(buf.length, dtype=REGION_DTYPE)
             if buf.length:
                 memcpy(<void *><uintptr_t>out.ctypes.data, buf.data,
@@ -336,12 +465,12 @@ cdef class Tracker:
         cdef int rc
         with nogil:
             pthread_mutex_lock(&self.core.lock)
-            rc = -EBADF
-            if self.core.backend != NULL:
+            rc = usable(&self.core)
+            if rc == 0:
                 rc = self.core.backend.rearm(self.core.backend, start, end)
                 cards_clear_range(&self.core.accumulated, start, end)
             pthread_mutex_unlock(&self.core.lock)
-        raise_for_backend(rc, self.core.backend)
+        self.raise_for(rc)
 
     cdef tuple span_of(self, object addr, object size):
         """[start, end) for a pass: the whole arena by default, else the
@@ -357,21 +486,63 @@ cdef class Tracker:
         return addr // unit * unit, (addr + size + unit - 1) // unit * unit
 
     def record(self, addr, length):
-        """Declare a write to [addr, addr + length) so that the next pass reports it.
+        """Declare a completed write to [addr, addr + length), so that the next
+        pass reports it. Call it after the write, never before.
 
-        For the software backend this is the write barrier. For the others it
-        is a harmless atomic store to each page, which the mechanism catches;
-        afterwards the kernel can write there too (read() into an mprotect
-        arena fails with EFAULT without it).
+        For the software backend this is the write barrier. The kernel
+        backends see CPU stores by themselves; for a write that bypasses the
+        fault path (DMA, O_DIRECT, /proc/PID/mem) use ``external_write``.
         """
         self.check_usable()
-        self.check_in_arena(addr, length)
-        cdef uintptr_t first = addr
-        cdef uintptr_t end = first + <size_t>length
+        cdef uintptr_t first, end
+        first, end = self.checked_range(addr, length)
         # Keeps the GIL: close() (which needs it) cannot free the backend
         # under this call. Native code uses tracker_record() directly.
-        cdef int rc = tracker_record(&self.core, first, end)
-        raise_for_backend(rc, self.core.backend)
+        self.raise_for(tracker_record(&self.core, first, end))
+
+    def begin_external_write(self, addr, length):
+        """Prepare [addr, addr + length) for a write that does not go through
+        the page-table fault path. Pair it with ``end_external_write`` (see
+        ``external_write``, which does both)."""
+        self.check_usable()
+        cdef uintptr_t first, end
+        first, end = self.checked_range(addr, length)
+        cdef int rc
+        with nogil:
+            rc = tracker_begin_external(&self.core, first, end)
+        self.raise_for(rc)
+
+    def end_external_write(self, addr, length):
+        """Record [addr, addr + length) as written, once the external write
+        that ``begin_external_write`` prepared has completed."""
+        self.check_usable()
+        cdef uintptr_t first, end
+        first, end = self.checked_range(addr, length)
+        cdef int rc
+        with nogil:
+            rc = tracker_end_external(&self.core, first, end)
+        self.raise_for(rc)
+
+    def external_write(self, addr, length):
+        """A context manager around a write that bypasses the fault path:
+        DMA, O_DIRECT reads, io_uring registered buffers, RDMA, writes through
+        /proc/PID/mem or process_vm_writev.
+
+        Entering makes the range writable, where a backend write-protects
+        pages, and keeps it writable until exit, background loop included.
+        Leaving records the range as written. Every byte written inside the
+        bracket is reported by a pass that starts after it exits, on every
+        backend. Brackets may nest and overlap.
+        """
+        self.check_usable()
+        self.checked_range(addr, length)
+        return ExternalWrite(self, addr, length)
+
+    cdef tuple checked_range(self, object addr, object length):
+        """(start, end) of [addr, addr + length), or ValueError outside the arena."""
+        self.check_in_arena(addr, length)
+        addr = operator.index(addr)
+        return addr, addr + operator.index(length)
 
     cdef int check_in_arena(self, object addr, object length) except -1:
         addr = operator.index(addr)
@@ -385,14 +556,19 @@ cdef class Tracker:
         return 0
 
     def discard(self, addr, length):
-        """Give [addr, addr + length) back to the kernel (MADV_DONTNEED) and
-        record it, so the next pass reports it and every backend re-arms it.
+        """Give the pages [addr, addr + length) back to the kernel
+        (MADV_DONTNEED) and record them, so the next pass reports them and
+        every backend re-arms them. They read as zero afterwards.
 
-        ``addr`` must be page-aligned; the pages read as zero afterwards.
+        ``addr`` and ``length`` must be multiples of the page size: the kernel
+        frees whole pages, and bytes outside the range must not be lost.
         """
         self.check_usable()
-        if operator.index(addr) % self.arena.page_size:
-            raise ValueError(f"discard needs a page-aligned address, got {addr:#x}")
+        addr = operator.index(addr)
+        length = operator.index(length)
+        if addr % self.arena.page_size or length % self.arena.page_size:
+            raise ValueError(f"discard needs a page-aligned address and length, got "
+                             f"{addr:#x} and {length:#x} (page size {self.arena.page_size})")
         self.check_in_arena(addr, length)
         cdef uintptr_t start = addr
         cdef size_t size = length
@@ -413,14 +589,16 @@ cdef class Tracker:
             raise ValueError(f"{self.backend} passes are not atomic: a background loop "
                              "racing the writers would lose writes")
         interval = float(interval)
-        if not (interval > 0 and math.isfinite(interval)):
+        if not (interval > 0 and math.isfinite(interval) and interval < 1e9):
             raise ValueError(f"interval must be a positive number of seconds, got {interval}")
         self.core.interval_ns = <long long>(interval * 1e9) or 1
         self.core.running = True
+        self.core.loop_active = True
         self.core.loop_error = 0
         cdef int rc = pthread_create(&self.thread, NULL, pass_loop, &self.core)
         if rc:
             self.core.running = False
+            self.core.loop_active = False
             raise TrackerError(rc, "pthread_create")
         self.thread_alive = True
 
@@ -434,6 +612,7 @@ cdef class Tracker:
             pthread_cond_signal(&self.core.wake)
             pthread_mutex_unlock(&self.core.lock)
             pthread_join(self.thread, NULL)
+        self.core.loop_active = False
         self.thread_alive = False
         return 0
 
@@ -456,9 +635,18 @@ cdef class Tracker:
         cdef int rc
         with nogil:
             rc = tracker_drain(&self.core, bits, &counts)
-        raise_for_backend(rc, self.core.backend)
+        self.raise_for(rc)
         self.raise_loop_error()
         return _pass_stats(counts)
+
+    cdef int raise_for(self, int rc) except -1:
+        """Raise the error a C-level call returned, if any."""
+        if rc == -EBADF and self.core.backend == NULL:
+            raise ValueError("tracker is closed")
+        if rc:
+            raise TrackerError(-rc, self.core.backend.failed_operation.decode()
+                               if self.core.backend != NULL else "tracker call")
+        return 0
 
     cdef int raise_loop_error(self) except -1:
         """Raise (once) the error that stopped the background loop, if any."""
@@ -483,9 +671,12 @@ cdef class Tracker:
                          calls=totals.calls, seconds=totals.seconds)
 
     def close(self):
-        """Stop the loop and disarm the backend. Idempotent; the arena stays usable."""
+        """Stop the loop and disarm the backend. Idempotent; the arena stays
+        usable. Refused (RuntimeError) on a Heap's tracker: close the Heap."""
         if self.closed:
             return
+        if self.core.reserved_by != NULL:
+            raise RuntimeError("this tracker belongs to a Heap: close the Heap instead")
         if getpid() == self.owner_pid:
             self.join_loop()
         self.thread_alive = False    # in a forked child the loop thread never existed
@@ -497,6 +688,7 @@ cdef class Tracker:
                 pthread_mutex_unlock(&self.core.lock)
         else:                        # the lock may have been held at fork(): never take it
             self.core.backend = NULL
+        self.backend_object.claimed = False
         self.backend_object.close()
 
     def __enter__(self):
@@ -509,3 +701,25 @@ cdef class Tracker:
     def __repr__(self):
         state = "closed" if self.closed else ("running" if self.thread_alive else "armed")
         return f"<gctrack.Tracker {self.backend_object.name} over {self.arena!r}, {state}>"
+
+
+class ExternalWrite:
+    """The bracket that Tracker.external_write returns (a context manager)."""
+
+    __slots__ = ("tracker", "addr", "length")
+
+    def __init__(self, tracker, addr, length):
+        self.tracker = tracker
+        self.addr = addr
+        self.length = length
+
+    def __enter__(self):
+        self.tracker.begin_external_write(self.addr, self.length)
+        return self
+
+    def __exit__(self, *exc_info):
+        # Also on an exception: part of the write may have landed.
+        self.tracker.end_external_write(self.addr, self.length)
+
+    def __repr__(self):
+        return f"<gctrack.ExternalWrite [{self.addr:#x}, +{self.length:#x}) of {self.tracker!r}>"

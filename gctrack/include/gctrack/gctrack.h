@@ -19,10 +19,32 @@
  *   as long as you use the pointers.
  * - Every other entry runs without the GIL, from any thread. Passes, drain
  *   and the background loop of one tracker are serialised by the tracker's
- *   own lock; record() and the card functions take no lock. Closing a
- *   tracker while another thread is inside one of its calls is undefined;
- *   after close() the calls return -EBADF.
- * - Calls return 0 or a negative errno.
+ *   own lock; record(), the external-write brackets and the card functions
+ *   take no lock. Closing a tracker while another thread is inside one of
+ *   its calls is undefined.
+ * - Tracker calls return 0 or a negative errno, with the Python API's
+ *   guards: -EINVAL for a NULL tracker or cards, a card table that does not
+ *   cover the tracker's whole arena (a pass re-arms every page it reports,
+ *   so a page it could not mark would never be reported again) or a range
+ *   outside the arena; -EBADF once the tracker is closed; -ECHILD in a
+ *   forked child; -EBUSY for collect() while the background loop runs;
+ *   -EPERM for collect() or drain() on a tracker that a gctrack.Heap owns
+ *   (its Collector's dirty cards are not yours to take). A NULL `counts`
+ *   is allowed.
+ *
+ * Which writes need what
+ * - CPU stores into the arena: nothing on the kernel backends (pagemap_scan,
+ *   mprotect, uffd_sync, soft_dirty) - the page tables catch them. On the
+ *   software backend every store needs the barrier, AFTER the store: call
+ *   gct_barrier_mark() (or record()) once the store is done, never before it,
+ *   or a pass between the two misses the store.
+ * - record(start, end) declares a write that has completed: always after.
+ * - Writes that bypass the page-table fault path - DMA, O_DIRECT reads,
+ *   io_uring registered buffers, RDMA, /proc/PID/mem, process_vm_writev -
+ *   go inside begin_external_write() ... end_external_write() on the same
+ *   range: begin before submitting the I/O, end once it has completed. Every
+ *   byte written inside the bracket is reported by a pass that starts after
+ *   end_external_write() returns, on every backend.
  */
 #ifndef GCTRACK_H
 #define GCTRACK_H
@@ -51,6 +73,29 @@ typedef struct gct_pass_counts {
 
 typedef struct gct_tracker gct_tracker;     /* opaque */
 
+/* The software backend's card-marking barrier: one bit per card of
+ * [base, base + size). `size` reads 0 once the tracker is closed, and the
+ * barrier then marks nothing. */
+typedef struct gct_barrier {
+    uint64_t *words;
+    uintptr_t base;
+    size_t size;
+    unsigned card_shift;
+} gct_barrier;
+
+/* Mark the card holding addr, after the store to addr; returns 1, or 0 when
+ * addr lies outside the tracked arena (or the tracker is closed). Lock-free,
+ * any thread, no GIL. */
+static inline int gct_barrier_mark(const gct_barrier *b, uintptr_t addr)
+{
+    uintptr_t offset = addr - b->base;
+    if (offset >= __atomic_load_n(&b->size, __ATOMIC_RELAXED))
+        return 0;
+    size_t card = offset >> b->card_shift;
+    __atomic_fetch_or(&b->words[card >> 6], (uint64_t)1 << (card & 63), __ATOMIC_RELEASE);
+    return 1;
+}
+
 #define GCTRACK_CAPI_NAME "gctrack._C_API"
 #define GCTRACK_CAPI_VERSION 1u
 
@@ -73,6 +118,13 @@ typedef struct gct_capi {
     size_t (*next_clean_card)(const gct_cards *cards, size_t from);   /* num_cards: none */
     void (*mark_range)(gct_cards *cards, uintptr_t start, uintptr_t end);
     void (*clear_cards)(gct_cards *cards);
+
+    /* Appended in 0.2. */
+    int (*begin_external_write)(gct_tracker *tracker, uintptr_t start, uintptr_t end);
+    int (*end_external_write)(gct_tracker *tracker, uintptr_t start, uintptr_t end);
+    /* With the GIL: the barrier of a software-backend tracker; NULL with
+     * TypeError set for another backend, ValueError once closed. */
+    const gct_barrier *(*barrier_handle)(PyObject *tracker);
 } gct_capi;
 
 /* Import the table (with the GIL); NULL with ImportError set on a mismatch. */
