@@ -1,15 +1,24 @@
-"""What this kernel and process support, proven by trying it, with reasons."""
+"""What this kernel and process support, and why not: a report above the backends.
+
+Nothing here decides anything for a Tracker: each backend's constructor proves
+its own mechanism and raises UnsupportedError with the reason. This module
+gathers those verdicts for the CLI, the tests and users who ask. Proving
+mprotect installs a SIGSEGV handler and takes a fault, proving uffd_sync starts
+a thread, and proving soft_dirty clears the soft-dirty bits of the whole
+process, so by default the proofs run in a child process and the caller's
+process is left as it was.
+"""
 from __future__ import annotations
 
-import errno as errno_codes
 import functools
+import json
 import os
-from dataclasses import dataclass, fields
-
-import numpy
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, fields
 
 from gctrack import _kernel
-from gctrack.errors import TrackerError
+from gctrack.errors import USERFAULTFD_DENIALS, TrackerError, UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -62,16 +71,8 @@ class Features:
 
 
 SOFTWARE = Support(True, "always: the writers call the barrier themselves")
-
-
-def _denied(call: str, err: int) -> str:
-    explanations = {
-        errno_codes.EPERM: "denied: vm.unprivileged_userfaultfd=0 without CAP_SYS_PTRACE, or a seccomp filter",
-        errno_codes.ENOSYS: "the kernel is built without CONFIG_USERFAULTFD",
-        errno_codes.EINVAL: "rejected: kernel older than 5.11 (no UFFD_USER_MODE_ONLY)",
-        errno_codes.ENOTTY: "unknown ioctl: kernel older than 6.7",
-    }
-    return f"{call}: {explanations.get(err, os.strerror(err))}"
+#: The backends whose proof this module runs, in the order it runs them.
+PROVEN_BACKENDS = ("pagemap_scan", "uffd_sync", "mprotect", "soft_dirty")
 
 
 def probe_userfaultfd() -> tuple[Support, Support]:
@@ -79,8 +80,8 @@ def probe_userfaultfd() -> tuple[Support, Support]:
     try:
         offered = _kernel.uffd_features()
     except TrackerError as exc:
-        missing = Support(False, _denied(exc.operation, exc.errno), exc.errno)
-        return missing, Support(False, "needs userfaultfd", exc.errno)
+        reason = f"{exc.operation}: {USERFAULTFD_DENIALS.get(exc.errno, os.strerror(exc.errno))}"
+        return Support(False, reason, exc.errno), Support(False, "needs userfaultfd", exc.errno)
     uffd = Support(True, f"UFFDIO_API offers features {offered:#x}")
     wanted = _kernel.FEATURE_WP_ASYNC | _kernel.FEATURE_WP_UNPOPULATED
     if offered & wanted != wanted:
@@ -89,66 +90,27 @@ def probe_userfaultfd() -> tuple[Support, Support]:
 
 
 def prove_backend(name: str) -> Support:
-    """Arm a scratch arena with the backend, write one page, and check that
-    exactly it is reported, once."""
+    """Arm a scratch arena with the backend (whose constructor proves its
+    mechanism), write one page, and check that exactly it is reported, once."""
+    import numpy
+
     from gctrack.arena import Arena
-    from gctrack.backends import BACKENDS
     from gctrack.tracker import Tracker
 
     try:
         with Arena(4 * os.sysconf("SC_PAGESIZE")) as arena:
-            with Tracker(arena, backend=BACKENDS[name](arena)) as tracker:
+            with Tracker(arena, backend=name) as tracker:
                 written = arena.address + arena.page_size
                 numpy.asarray(arena)[arena.page_size] = 1
                 first, second = tracker.scan(), tracker.scan()
+    except UnsupportedError as exc:
+        return Support(False, exc.reason, exc.errno)
     except TrackerError as exc:
-        return Support(False, _denied(exc.operation, exc.errno), exc.errno)
+        return Support(False, str(exc), exc.errno)
     expected = [(written, written + arena.page_size)]
     if [(int(r["start"]), int(r["end"])) for r in first] != expected or len(second):
         return Support(False, f"one written page came back as {first.tolist()} then {second.tolist()}")
-    return Support(True, "one written page reported once, then re-armed")
-
-
-def probe_pagemap_scan(wp_async: Support) -> Support:
-    if not wp_async:
-        return Support(False, "needs userfaultfd WP_ASYNC", wp_async.errno)
-    return prove_backend("pagemap_scan")
-
-
-def probe_uffd_sync(uffd: Support) -> Support:
-    if not uffd:
-        return Support(False, "needs userfaultfd", uffd.errno)
-    return prove_backend("uffd_sync")
-
-
-def _pagemap_entry(address: int, page_size: int) -> int:
-    """The 64-bit /proc/self/pagemap entry of the page holding ``address``."""
-    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return int.from_bytes(os.pread(fd, 8, address // page_size * 8), "little")
-    finally:
-        os.close(fd)
-
-
-def probe_soft_dirty(page_size: int) -> Support:
-    """Write a fresh page and look for soft-dirty bit 55 in /proc/self/pagemap.
-
-    Freshly written pages are soft-dirty wherever the kernel tracks it, so this
-    needs no clear_refs (which would reset the whole process).
-    """
-    from gctrack.arena import Arena
-
-    with Arena(page_size) as arena:
-        numpy.asarray(arena)[0] = 1
-        try:
-            entry = _pagemap_entry(arena.address, page_size)
-        except OSError as exc:
-            return Support(False, f"reading /proc/self/pagemap: {exc.strerror}", exc.errno)
-    if not entry >> 55 & 1:
-        return Support(False, "a written page never shows bit 55: kernel built without CONFIG_MEM_SOFT_DIRTY")
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        return Support(False, "/proc/self/clear_refs is not writable")
-    return prove_backend("soft_dirty")
+    return Support(True, "armed, proved, and one written page reported once")
 
 
 def probe_transparent_hugepages() -> Support:
@@ -161,19 +123,59 @@ def probe_transparent_hugepages() -> Support:
     return Support(active != "never", f"mode {active} (arenas use MADV_NOHUGEPAGE unless asked)")
 
 
+def prove_backends_here() -> dict[str, Support]:
+    """Every backend's verdict, proven in this process."""
+    return {name: prove_backend(name) for name in PROVEN_BACKENDS}
+
+
+def prove_backends_in_child() -> dict[str, Support]:
+    """Every backend's verdict, proven in a fresh interpreter; a child that
+    fails leaves each backend unavailable with what went wrong."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
+    try:
+        child = subprocess.run([sys.executable, "-m", "gctrack.probe", "--backends-json"],
+                               capture_output=True, text=True, timeout=120, env=env)
+        verdicts = json.loads(child.stdout) if child.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        child, verdicts = None, None
+        failure = f"the probe's child process failed: {exc}"
+    if verdicts is None:
+        if child is not None:
+            last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+            failure = f"the probe's child process exited with {child.returncode}: {last}"
+        return {name: Support(False, failure) for name in PROVEN_BACKENDS}
+    return {name: Support(**verdicts[name]) for name in PROVEN_BACKENDS}
+
+
 @functools.cache
-def features() -> Features:
-    """Probe this kernel once per process; every missing mechanism says why."""
-    page_size = os.sysconf("SC_PAGESIZE")
+def features(*, in_process: bool = False) -> Features:
+    """Probe this kernel once per process; every missing mechanism says why.
+
+    The backends are proven in a child process unless ``in_process`` is
+    true (see the module docstring for what proving them does to a process).
+    """
     uffd, wp_async = probe_userfaultfd()
+    verdicts = prove_backends_here() if in_process else prove_backends_in_child()
     return Features(
         kernel_release=os.uname().release,
-        page_size=page_size,
+        page_size=os.sysconf("SC_PAGESIZE"),
         userfaultfd=uffd,
         wp_async=wp_async,
-        pagemap_scan=probe_pagemap_scan(wp_async),
-        uffd_sync=probe_uffd_sync(uffd),
-        mprotect=prove_backend("mprotect"),
-        soft_dirty=probe_soft_dirty(page_size),
         transparent_hugepages=probe_transparent_hugepages(),
+        **verdicts,
     )
+
+
+def main() -> int:
+    """``python -m gctrack.probe --backends-json``: the child side of features()."""
+    if sys.argv[1:] != ["--backends-json"]:
+        print("usage: python -m gctrack.probe --backends-json", file=sys.stderr)
+        return 2
+    print(json.dumps({name: asdict(support) for name, support in prove_backends_here().items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -61,25 +61,47 @@ def test_cli_probe_prints_the_table():
     assert "pagemap_scan" in out and gctrack.features().pagemap_scan.reason in out
 
 
-def test_unavailable_backend_raises_unsupported_with_the_probe_reason(monkeypatch, arena):
-    """The error plumbing from a negative probe finding to the constructor."""
-    real = gctrack.features()
-    missing = Support(False, "PAGEMAP_SCAN: unknown ioctl: kernel older than 6.7", 25)
-    fake = Features(**{**real.__dict__, "pagemap_scan": missing})
-    monkeypatch.setattr(backends.probe, "features", lambda: fake)
+def test_auto_tries_the_constructors_in_order_and_gathers_their_reasons(monkeypatch, arena):
+    """"auto" asks each constructor in turn; an UnsupportedError moves on."""
+    unsupported = [n for n, s in gctrack.features().backends.items() if not s]
+    supported = [n for n in backends.AUTO_ORDER if gctrack.features().backends[n]]
+    if not unsupported or not supported:
+        pytest.skip("needs one backend that works here and one that does not")
+    monkeypatch.setattr(backends, "AUTO_ORDER", (unsupported[0], supported[0]))
+    with gctrack.Tracker(arena, backend="auto") as tracker:
+        assert tracker.backend == supported[0]
+    monkeypatch.setattr(backends, "AUTO_ORDER", (unsupported[0],))
     with pytest.raises(gctrack.UnsupportedError) as info:
-        gctrack.Tracker(arena, backend="pagemap_scan")
-    assert info.value.reason == missing.reason
-    assert info.value.errno == 25
-    assert info.value.mechanism == "pagemap_scan"
-    assert isinstance(info.value, OSError)
-    with gctrack.Tracker(arena, backend="auto") as fallback:
-        assert fallback.backend == next(n for n in backends.AUTO_ORDER if fake.backends[n])
-    nothing = Features(**{**real.__dict__, **{n: missing for n in backends.AUTO_ORDER}})
-    monkeypatch.setattr(backends.probe, "features", lambda: nothing)
-    with pytest.raises(gctrack.UnsupportedError, match="kernel older than 6.7") as info:
         gctrack.Tracker(arena, backend="auto")
-    assert all(name in info.value.reason for name in backends.AUTO_ORDER)
+    assert info.value.mechanism == "every backend"
+    assert f"{unsupported[0]}: {gctrack.features().backends[unsupported[0]].reason}" in info.value.reason
+    assert arena.address      # the arena is still usable after every refusal
+
+
+def test_a_backend_built_directly_proves_its_mechanism(arena):
+    """A Backend instance skips no check: one whose mechanism is missing raises."""
+    for name, support in gctrack.features().backends.items():
+        if not support:
+            with pytest.raises(gctrack.UnsupportedError) as info:
+                gctrack.BACKENDS[name](arena)
+            assert info.value.reason == support.reason and info.value.mechanism == name
+
+
+def test_features_proves_the_intrusive_backends_in_a_child_process():
+    """Asking what is supported installs no SIGSEGV handler and starts no thread here."""
+    script = (
+        "import threading, gctrack, gctrack.mprotect as m\n"
+        "def segv_caught():\n"
+        "    status = open('/proc/self/status').read()\n"
+        "    line = next(l for l in status.splitlines() if l.startswith('SigCgt'))\n"
+        "    return int(line.split()[1], 16) >> 10 & 1\n"
+        "before = segv_caught()\n"
+        "f = gctrack.features()\n"
+        "assert f.pagemap_scan.reason and f.mprotect.reason\n"
+        "print(before, segv_caught(), m.handler_faults(), threading.active_count())\n")
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                         text=True, timeout=120).stdout.split()
+    assert out == ["0", "0", "0", "1"]
 
 
 def test_every_registered_backend_has_a_finding():
