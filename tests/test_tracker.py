@@ -376,3 +376,25 @@ def test_backend_instance_must_belong_to_the_arena(arena, page_size):
             assert t.backend == "pagemap_scan"
             with pytest.raises(ValueError, match="already belongs"):
                 gctrack.Tracker(other, backend=backend)
+
+
+def test_discard_refuses_a_range_that_is_not_whole_pages(tracker, arena):
+    """MADV_DONTNEED frees whole pages: bytes outside [addr, addr + length)
+    would be zeroed silently."""
+    view = numpy.asarray(arena)
+    view[10 * arena.page_size:11 * arena.page_size] = 9
+    with pytest.raises(ValueError, match="page-aligned"):
+        tracker.discard(arena.address + 10 * arena.page_size, 10)
+    assert (view[10 * arena.page_size:11 * arena.page_size] == 9).all()
+
+
+@pytest.mark.parametrize("vector_len", [0, -1, 2**61, 2**64, 2**24 + 1])
+def test_vector_len_is_checked_for_overflow(arena, vector_len):
+    require("pagemap_scan")
+    with pytest.raises(ValueError, match="vector_len"):
+        gctrack.Tracker(arena, backend="pagemap_scan", vector_len=vector_len)
+    with pytest.raises(TypeError):
+        gctrack.Tracker(arena, backend="pagemap_scan", vector_len=1.5)
+    with gctrack.Tracker(arena, backend="pagemap_scan", vector_len=1) as tracker:
+        numpy.asarray(arena)[::2 * arena.page_size] = 1       # 128 separate regions
+        assert len(tracker.scan()) == arena.num_pages // 2

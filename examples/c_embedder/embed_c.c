@@ -2,7 +2,8 @@
  * A minimal plain-C embedder: it reaches gctrack through the "gctrack._C_API"
  * capsule. mutate_and_collect(arena, tracker, cards, stride) stores into every
  * stride-th 64-byte object, runs a pass, all without the GIL, and returns the
- * dirty card numbers.
+ * dirty card numbers. A software-backend tracker needs the barrier after
+ * each store (gct_barrier_mark, inline); the kernel backends need nothing.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -25,14 +26,21 @@ static PyObject *mutate_and_collect(PyObject *self, PyObject *args)
     gct_cards *cards = t ? gct->cards_handle(card_table) : NULL;
     if (cards == NULL)
         return NULL;
+    const gct_barrier *barrier = gct->barrier_handle(tracker);    /* software only */
+    if (barrier == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))
+            return NULL;
+        PyErr_Clear();
+    }
 
     int rc;
     gct_pass_counts counts;
     Py_BEGIN_ALLOW_THREADS
     for (size_t i = 0; i < size / 64; i += (size_t)stride) {
         uint64_t *object = heap + i * 8;
-        gct->record(t, (uintptr_t)object, (uintptr_t)object + 8);   /* the write barrier */
         *object = i + 1;
+        if (barrier != NULL)
+            gct_barrier_mark(barrier, (uintptr_t)object);   /* after the store, never before */
     }
     rc = gct->collect(t, cards, 1, &counts);
     Py_END_ALLOW_THREADS
