@@ -3,6 +3,9 @@ from gctrack.backend import Backend
 
 REQUIRED_FEATURES: int
 DEFAULT_VECTOR_LEN: int
+MAX_VECTOR_LEN: int
+
+def checked_vector_len(vector_len: int) -> int: ...
 
 class PagemapScanBackend(Backend):
     def __init__(self, arena: Arena, vector_len: int = ...) -> None: ...
