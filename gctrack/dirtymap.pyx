@@ -145,17 +145,23 @@ cdef int unprotect_units(DirtyMap *m, UnitRange r, const char **failed_operation
     return rc
 
 
+cdef int mark_then_open(DirtyMap *m, uintptr_t start, uintptr_t end, UnitRange r,
+                        const char **failed_operation) noexcept nogil:
+    """Mark units r of [start, end) dirty, then make them writable: the
+    fault handler's order (the caller holds the exclusion)."""
+    dirtymap_record_range(m, start, end)
+    return unprotect_units(m, r, failed_operation)
+
+
 cdef int dirtymap_record_writable(DirtyMap *m, uintptr_t start, uintptr_t end,
                                   const char **failed_operation) noexcept nogil:
-    """record(): mark the units of [start, end) dirty, then make them writable,
-    in the fault handler's order; the next pass reports and re-arms them."""
+    """record(): the next pass reports [start, end) and re-arms it."""
     cdef UnitRange r = units_of(m, start, end)
     cdef int rc
     if r.first >= r.after:
         return 0
     exclude(m)
-    dirtymap_record_range(m, start, end)
-    rc = unprotect_units(m, r, failed_operation)
+    rc = mark_then_open(m, start, end, r, failed_operation)
     allow(m)
     return rc
 
@@ -205,9 +211,8 @@ cdef int dirtymap_end_external(DirtyMap *m, uintptr_t start, uintptr_t end,
     cdef int rc
     if r.first >= r.after:
         return 0
-    exclude(m)
-    dirtymap_record_range(m, start, end)
-    rc = unprotect_units(m, r, failed_operation)    # already writable unless a hold failed
+    exclude(m)                      # marked and released as one step: no pass between
+    rc = mark_then_open(m, start, end, r, failed_operation)
     if m.protect != NULL:
         unhold_units(m, r)
     allow(m)

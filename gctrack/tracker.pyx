@@ -217,34 +217,28 @@ cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noex
     return rc
 
 
+cdef inline int range_guard(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil:
+    """0 when [start, end) may be handed to the backend."""
+    cdef int rc = usable(t)
+    return rc if rc else in_arena(t.backend, start, end)
+
+
 cdef int tracker_record(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil:
     """Declare a completed write to [start, end) (see Tracker.record); takes no lock."""
-    cdef int rc = usable(t)
-    if rc == 0:
-        rc = in_arena(t.backend, start, end)
-    if rc == 0:
-        rc = t.backend.record(t.backend, start, end)
-    return rc
+    cdef int rc = range_guard(t, start, end)
+    return rc if rc else t.backend.record(t.backend, start, end)
 
 
 cdef int tracker_begin_external(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil:
     """Open an external-write bracket (see Tracker.external_write)."""
-    cdef int rc = usable(t)
-    if rc == 0:
-        rc = in_arena(t.backend, start, end)
-    if rc == 0:
-        rc = t.backend.begin_external(t.backend, start, end)
-    return rc
+    cdef int rc = range_guard(t, start, end)
+    return rc if rc else t.backend.begin_external(t.backend, start, end)
 
 
 cdef int tracker_end_external(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil:
     """Close an external-write bracket: the range is reported by the next pass."""
-    cdef int rc = usable(t)
-    if rc == 0:
-        rc = in_arena(t.backend, start, end)
-    if rc == 0:
-        rc = t.backend.end_external(t.backend, start, end)
-    return rc
+    cdef int rc = range_guard(t, start, end)
+    return rc if rc else t.backend.end_external(t.backend, start, end)
 
 
 cdef void add_counts(PassCounts *total, const PassCounts *one) noexcept nogil:
