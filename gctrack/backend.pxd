@@ -70,9 +70,8 @@ cdef inline int no_preparation(BackendCore *core, uintptr_t start, uintptr_t end
 
 
 cdef inline int touch_pages(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil:
-    """record() for the kernel-level backends: a harmless atomic write to
-    each page, which the backend's own mechanism then catches and reports.
-    Afterwards the pages are writable, by the kernel too (read() into them)."""
+    """pagemap_scan's record(): a harmless atomic write to each page (an add
+    of 0 keeps its contents), which the kernel marks written."""
     cdef uintptr_t addr = start & ~(<uintptr_t>core.granularity - 1)
     while addr < end:
         gct_touch_byte(<char *>addr)

@@ -68,10 +68,9 @@ ctypedef struct DirtyMap:
     ExclusionFn allow        # exclusion; NULL when there is none (software)
     void *protect_ctx        # passed to all four
     # External-write brackets open on each unit (NULL until the first one):
-    # a unit with a count stays writable through passes and re-arms. Guarded
-    # by the backend's own pass exclusion, like protect.
+    # a unit with a count stays writable and dirty through passes and
+    # re-arms. Guarded by the backend's own pass exclusion, like protect.
     uint32_t *holds
-    size_t open_holds        # brackets open now, over all units
 
 
 cdef inline void dirtymap_record(DirtyMap *m, uintptr_t addr) noexcept nogil:

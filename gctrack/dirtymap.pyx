@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The shared pass of the backends that record writes one at a time (see dirtymap.pxd)."""
-from libc.errno cimport ENOMEM, EOVERFLOW
+from libc.errno cimport EINVAL, ENOMEM, EOVERFLOW
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t, UINT32_MAX
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
@@ -19,7 +19,6 @@ cdef int dirtymap_init(DirtyMap *m, uintptr_t base, size_t size, unsigned unit_s
     m.num_units = (size + (<size_t>1 << unit_shift) - 1) >> unit_shift
     m.num_words = (m.num_units + 63) >> 6
     m.holds = NULL
-    m.open_holds = 0
     m.words = <uint64_t *>calloc(m.num_words if m.num_words else 1, sizeof(uint64_t))
     return 0 if m.words != NULL else -ENOMEM
 
@@ -29,7 +28,6 @@ cdef void dirtymap_free(DirtyMap *m) noexcept nogil:
     m.words = NULL
     free(m.holds)
     m.holds = NULL
-    m.open_holds = 0
 
 
 ctypedef struct UnitRange:
@@ -79,33 +77,38 @@ cdef int hold_units(DirtyMap *m, UnitRange r) noexcept nogil:
             return -EOVERFLOW
     for u in range(r.first, r.after):
         m.holds[u] += 1
-    m.open_holds += 1
     return 0
 
 
-cdef void unhold_units(DirtyMap *m, UnitRange r) noexcept nogil:
-    """Close a bracket that hold_units opened on the same units."""
+cdef int unhold_units(DirtyMap *m, UnitRange r) noexcept nogil:
+    """Close a bracket on units r; -EINVAL, changing nothing, when some unit
+    of r has no bracket open (an end without its begin)."""
     cdef size_t u
-    if m.holds == NULL or m.open_holds == 0:
-        return
+    if m.holds == NULL:
+        return -EINVAL
     for u in range(r.first, r.after):
-        if m.holds[u]:
-            m.holds[u] -= 1
-    m.open_holds -= 1
+        if m.holds[u] == 0:
+            return -EINVAL
+    for u in range(r.first, r.after):
+        m.holds[u] -= 1
+    return 0
 
 
 cdef int dirtymap_protect_unheld(DirtyMap *m, uintptr_t start, uintptr_t end) noexcept nogil:
     """Re-protect [start, end) (unit-aligned) except the units that an open
-    bracket keeps writable; 0 or the first -errno."""
+    bracket keeps writable. Those are marked dirty again: a CPU store to them
+    does not fault, so every pass reports them until their bracket ends.
+    0 or the first -errno."""
     cdef UnitRange r
     cdef size_t u, run_first
     cdef int rc
-    if m.open_holds == 0:
+    if m.holds == NULL:
         return m.protect(m.protect_ctx, start, end)
     r = units_of(m, start, end)
     u = r.first
     while u < r.after:
         while u < r.after and m.holds[u]:
+            gct_bits_set(m.words, u)
             u += 1
         run_first = u
         while u < r.after and not m.holds[u]:
@@ -178,6 +181,7 @@ cdef int dirtymap_rearm(DirtyMap *m, uintptr_t start, uintptr_t end,
     if m.protect != NULL:
         rc = dirtymap_protect_unheld(m, unit_start(m, r.first), unit_start(m, r.after))
         if rc:
+            dirtymap_record_range(m, start, end)     # maybe still writable: keep it dirty
             failed_operation[0] = "re-protecting pages"
     allow(m)
     return rc
@@ -186,7 +190,8 @@ cdef int dirtymap_rearm(DirtyMap *m, uintptr_t start, uintptr_t end,
 cdef int dirtymap_begin_external(DirtyMap *m, uintptr_t start, uintptr_t end,
                                  const char **failed_operation) noexcept nogil:
     """Open a bracket: [start, end) becomes writable and stays so until the
-    matching end, whatever passes run meanwhile."""
+    matching end, whatever passes run meanwhile; being writable, it is also
+    reported by every pass until then."""
     cdef UnitRange r = units_of(m, start, end)
     cdef int rc
     if r.first >= r.after or m.protect == NULL:
@@ -196,9 +201,9 @@ cdef int dirtymap_begin_external(DirtyMap *m, uintptr_t start, uintptr_t end,
     if rc:
         failed_operation[0] = "opening an external-write bracket"
     else:
-        rc = unprotect_units(m, r, failed_operation)
+        rc = mark_then_open(m, start, end, r, failed_operation)
         if rc:
-            unhold_units(m, r)
+            unhold_units(m, r)      # what it did open is dirty: the next pass re-arms it
     allow(m)
     return rc
 
@@ -213,8 +218,9 @@ cdef int dirtymap_end_external(DirtyMap *m, uintptr_t start, uintptr_t end,
         return 0
     exclude(m)                      # marked and released as one step: no pass between
     rc = mark_then_open(m, start, end, r, failed_operation)
-    if m.protect != NULL:
-        unhold_units(m, r)
+    if m.protect != NULL and unhold_units(m, r) and rc == 0:
+        rc = -EINVAL                # recorded all the same: an unmatched end loses nothing
+        failed_operation[0] = "closing an external-write bracket that is not open"
     allow(m)
     return rc
 

@@ -55,7 +55,9 @@ cdef void mark_written_again(PagemapScanCore *core, uintptr_t start, uintptr_t e
     the kernel re-armed there without our seeing it reads as written to the
     next pass. Never-populated pages stay unreported (nobody wrote them).
     The kernel stops at the first range it cannot change (ENOENT at a hole
-    in the registration), past the pages this pass could have re-armed."""
+    in the registration), past the pages this pass could have re-armed.
+    Its result is not checked: the pass is failing already, and this call
+    fails only if the registration itself is gone."""
     uffd_writeprotect(core.uffd, start, end - start, False)
 
 

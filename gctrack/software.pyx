@@ -56,10 +56,12 @@ cdef class SoftwareBackend(Backend):
         self.core = &self.c.base
 
     cdef void release(self) noexcept:
-        self.c.barrier.size = 0         # inline barriers from now on mark nothing
-        dirtymap_free(&self.c.dirty)
-        self.c.barrier.words = NULL
+        # Inline barriers mark nothing from now on. The bits stay allocated
+        # until the object goes: a barrier that read the old size may still
+        # be storing into them.
+        self.c.barrier.size = 0
         self.detach()
 
     def __dealloc__(self):
         self.release()
+        dirtymap_free(&self.c.dirty)

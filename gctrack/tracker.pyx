@@ -40,8 +40,21 @@ from gctrack.stats import LoopStats, PassStats
 cdef extern from *:
     """
     static inline int gct_load_flag(const int *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline void gct_enter_call(int *n) { __atomic_add_fetch(n, 1, __ATOMIC_SEQ_CST); }
+    static inline void gct_leave_call(int *n) { __atomic_sub_fetch(n, 1, __ATOMIC_SEQ_CST); }
+    static inline int gct_calls(int *n) { return __atomic_load_n(n, __ATOMIC_SEQ_CST); }
+    static inline void *gct_load_backend(void **p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+    static inline void gct_clear_backend(void **p) { __atomic_store_n(p, (void *)0, __ATOMIC_SEQ_CST); }
     """
     int gct_load_flag(const int *p) nogil
+    void gct_enter_call(int *n) nogil
+    void gct_leave_call(int *n) nogil
+    int gct_calls(int *n) nogil
+    void *gct_load_backend(void **p) nogil
+    void gct_clear_backend(void **p) nogil
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
 
 cdef extern from "<sys/mman.h>" nogil:
     enum: MADV_WIPEONFORK       # Linux 4.14
@@ -90,6 +103,14 @@ cdef int append_regions(void *ctx, const gct_page_region *regions, size_t n) noe
     memcpy(buf.data + buf.length, regions, n * sizeof(gct_page_region))
     buf.length += n
     return 0
+
+
+cdef void rerecord(BackendCore *backend, const RegionBuffer *buf) noexcept nogil:
+    """After a failed pass: the batches already taken were re-armed and will
+    never be returned, so record them again for the next pass."""
+    cdef size_t i
+    for i in range(buf.length):
+        backend.record(backend, buf.data[i].start, buf.data[i].end)
 
 
 # ---- the pass, the loop and drain: written once for every backend ----------
@@ -217,28 +238,49 @@ cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noex
     return rc
 
 
-cdef inline int range_guard(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil:
-    """0 when [start, end) may be handed to the backend."""
-    cdef int rc = usable(t)
-    return rc if rc else in_arena(t.backend, start, end)
+ctypedef int (*RangeFn)(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil
+
+
+cdef inline int range_call(TrackerCore *t, uintptr_t start, uintptr_t end, size_t which) noexcept nogil:
+    """Hand [start, end) to the backend's record (0), begin_external (1) or
+    end_external (2) once the guards pass. Counted in flight, so that
+    close() never frees the backend under the call."""
+    cdef BackendCore *backend
+    cdef RangeFn call
+    cdef int rc
+    if t == NULL:
+        return -EINVAL
+    gct_enter_call(&t.calls_in_flight)
+    backend = <BackendCore *>gct_load_backend(<void **>&t.backend)
+    rc = -ECHILD if forked(t) else (-EBADF if backend == NULL else in_arena(backend, start, end))
+    if rc == 0:
+        call = backend.record if which == 0 else (
+            backend.begin_external if which == 1 else backend.end_external)
+        rc = call(backend, start, end)
+    gct_leave_call(&t.calls_in_flight)
+    return rc
 
 
 cdef int tracker_record(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil:
-    """Declare a completed write to [start, end) (see Tracker.record); takes no lock."""
-    cdef int rc = range_guard(t, start, end)
-    return rc if rc else t.backend.record(t.backend, start, end)
+    """Declare a completed write to [start, end) (see Tracker.record); takes
+    no tracker lock (mprotect and uffd_sync wait for a running pass)."""
+    return range_call(t, start, end, 0)
 
 
 cdef int tracker_begin_external(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil:
     """Open an external-write bracket (see Tracker.external_write)."""
-    cdef int rc = range_guard(t, start, end)
-    return rc if rc else t.backend.begin_external(t.backend, start, end)
+    return range_call(t, start, end, 1)
 
 
 cdef int tracker_end_external(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil:
     """Close an external-write bracket: the range is reported by the next pass."""
-    cdef int rc = range_guard(t, start, end)
-    return rc if rc else t.backend.end_external(t.backend, start, end)
+    return range_call(t, start, end, 2)
+
+
+cdef void wait_for_calls(TrackerCore *t) noexcept nogil:
+    """Return once no record or bracket call is inside the backend."""
+    while gct_calls(&t.calls_in_flight):
+        sched_yield()
 
 
 cdef void add_counts(PassCounts *total, const PassCounts *one) noexcept nogil:
@@ -271,6 +313,7 @@ cdef void *pass_loop(void *arg) noexcept nogil:
             t.loop_error = rc
             t.loop_error_operation = t.backend.failed_operation
             t.running = False
+            t.loop_active = False        # collect() may run again; stop() still joins
             break
         add_counts(&t.loop_totals, &counts)
         t.loop_passes += 1
@@ -439,6 +482,8 @@ cdef class Tracker:
                 rc = usable(&self.core)
                 if rc == 0:
                     rc = timed_pass(self.core.backend, start, end, rearm, limit, &sink, &counts)
+                    if rc and rearm:
+                        rerecord(self.core.backend, &buf)
                 pthread_mutex_unlock(&self.core.lock)
             self.raise_for(rc)
             out = numpy.empty(buf.length, dtype=REGION_DTYPE)
@@ -490,9 +535,10 @@ cdef class Tracker:
         self.check_usable()
         cdef uintptr_t first, end
         first, end = self.checked_range(addr, length)
-        # Keeps the GIL: close() (which needs it) cannot free the backend
-        # under this call. Native code uses tracker_record() directly.
-        self.raise_for(tracker_record(&self.core, first, end))
+        cdef int rc
+        with nogil:
+            rc = tracker_record(&self.core, first, end)
+        self.raise_for(rc)
 
     def begin_external_write(self, addr, length):
         """Prepare [addr, addr + length) for a write that does not go through
@@ -678,8 +724,9 @@ cdef class Tracker:
         if getpid() == self.owner_pid:
             with nogil:              # C API callers see -EBADF from now on
                 pthread_mutex_lock(&self.core.lock)
-                self.core.backend = NULL
+                gct_clear_backend(<void **>&self.core.backend)
                 pthread_mutex_unlock(&self.core.lock)
+                wait_for_calls(&self.core)
         else:                        # the lock may have been held at fork(): never take it
             self.core.backend = NULL
         self.backend_object.claimed = False

@@ -202,18 +202,21 @@ cdef class UffdSyncBackend(Backend):
 
     cdef open_uffd(self, Arena arena):
         """A full userfaultfd where permitted (kernel writes fault too), else user-mode only."""
-        self.c.uffd = uffd_open(O_CLOEXEC | O_NONBLOCK)
-        self.kernel_writes = "resolved by the handler thread"
+        cdef int flags = O_CLOEXEC | O_NONBLOCK
+        self.c.uffd = uffd_open(flags)
         if self.c.uffd == -EPERM:
-            self.c.uffd = uffd_open(O_CLOEXEC | O_NONBLOCK | GCT_UFFD_USER_MODE_ONLY)
-            self.kernel_writes = "EFAULT outside Tracker.external_write()"
+            flags |= GCT_UFFD_USER_MODE_ONLY
+            self.c.uffd = uffd_open(flags)
         if self.c.uffd < 0:
             raise userfaultfd_unsupported("uffd_sync", "userfaultfd", -self.c.uffd)
+        self.kernel_writes = ("EFAULT outside Tracker.external_write()"
+                              if flags & GCT_UFFD_USER_MODE_ONLY else "resolved by the handler thread")
         cdef int rc = uffd_api(self.c.uffd, GCT_UFFD_FEATURE_WP_UNPOPULATED, NULL)
         if rc == -EINVAL:
             # Before Linux 6.4 unpopulated pages cannot be armed: populate them.
+            # A failed UFFDIO_API spends the descriptor: open another the same way.
             close(self.c.uffd)
-            self.c.uffd = uffd_open(O_CLOEXEC | O_NONBLOCK | GCT_UFFD_USER_MODE_ONLY)
+            self.c.uffd = uffd_open(flags)
             rc = uffd_api(self.c.uffd, 0, NULL) if self.c.uffd >= 0 else self.c.uffd
             arena.prefault()
         if rc:

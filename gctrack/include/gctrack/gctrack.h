@@ -19,9 +19,10 @@
  *   as long as you use the pointers.
  * - Every other entry runs without the GIL, from any thread. Passes, drain
  *   and the background loop of one tracker are serialised by the tracker's
- *   own lock; record(), the external-write brackets and the card functions
- *   take no lock. Closing a tracker while another thread is inside one of
- *   its calls is undefined.
+ *   own lock. record() and the external-write brackets take no tracker lock
+ *   (on mprotect and uffd_sync they wait for a running pass); close() waits
+ *   for those already inside the backend, and for a running pass. The card
+ *   functions take no lock: two threads must not mark one card table at once.
  * - Tracker calls return 0 or a negative errno, with the Python API's
  *   guards: -EINVAL for a NULL tracker or cards, a card table that does not
  *   cover the tracker's whole arena (a pass re-arms every page it reports,
@@ -75,7 +76,8 @@ typedef struct gct_tracker gct_tracker;     /* opaque */
 
 /* The software backend's card-marking barrier: one bit per card of
  * [base, base + size). `size` reads 0 once the tracker is closed, and the
- * barrier then marks nothing. */
+ * barrier then marks nothing; `words` stays allocated while the tracker
+ * object lives, so a barrier racing close() stores into live memory. */
 typedef struct gct_barrier {
     uint64_t *words;
     uintptr_t base;
