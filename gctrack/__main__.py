@@ -1,16 +1,19 @@
-"""Command line: ``python -m gctrack probe | demo | passes``."""
+"""Command line: ``gctrack probe | demo | passes | bench`` (or ``python -m gctrack ...``)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import numpy
 
 import gctrack
-from gctrack.testing import NativeWriters
+from gctrack.testing import NativeWriters, store_bytes
 
 MiB = 1 << 20
+#: The exit status after Ctrl-C, as shells report a SIGINT death.
+INTERRUPTED = 130
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -18,32 +21,38 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_patterns(num_pages: int, rng: numpy.random.Generator) -> list[tuple[str, numpy.ndarray]]:
-    """Named sets of page numbers to write, one per demo round."""
+def demo_patterns(num_pages: int, page_size: int,
+                  rng: numpy.random.Generator) -> list[tuple[str, numpy.ndarray]]:
+    """Named sets of page numbers to write, one per round; any arena size works."""
+    run = max(1, min(1024, num_pages // 2))
     return [
         ("one byte", numpy.array([num_pages // 3])),
         ("every 7th page", numpy.arange(0, num_pages, 7)),
-        ("one 4 MiB run", numpy.arange(num_pages // 2, num_pages // 2 + 1024)),
-        ("random 1 %", numpy.unique(rng.integers(0, num_pages, num_pages // 100))),
+        (f"one {run * page_size // 1024} KiB run", numpy.arange(num_pages // 2, num_pages // 2 + run)),
+        ("random 1 %", numpy.unique(rng.integers(0, num_pages, max(1, num_pages // 100)))),
         ("all pages", numpy.arange(num_pages)),
         ("nothing", numpy.array([], dtype=numpy.int64)),
     ]
 
 
 def run_round(tracker, arena, cards, pages: numpy.ndarray) -> tuple:
-    """Write one byte into each page, collect one pass, and check the result."""
-    view = numpy.asarray(arena)
-    view[pages * arena.page_size] += 1
+    """Store one byte into each page (through the barrier on ``software``),
+    collect one pass, and check the result against what was stored."""
+    offsets = pages.astype(numpy.uint64) * arena.page_size
+    store_bytes(arena, offsets, tracker)
     cards.clear()
     stats = tracker.collect(cards)
     expected = gctrack.CardTable.for_arena(arena, cards.card_size)
-    for page in pages.tolist():
-        expected.mark_range(arena.address + page * arena.page_size, arena.page_size)
+    unit = tracker.granularity                     # what one report stands for
+    for offset in offsets.tolist():
+        expected.mark_range(arena.address + offset // unit * unit, unit)
     return stats, cards == expected
 
 
 def demo_background(tracker, arena, cards, threads: int) -> str:
     """Native writer threads race the background pass loop; drain must see every page."""
+    if tracker.backend == "software":
+        return "background loop: not shown for software (the native writers call no barrier)"
     rng = numpy.random.default_rng(1)
     pages = rng.choice(arena.num_pages, size=min(20000, arena.num_pages), replace=False)
     shares = numpy.array_split(pages * arena.page_size, threads)
@@ -68,12 +77,13 @@ def cmd_passes(args: argparse.Namespace) -> int:
         arena.prefault()           # first touch is slow; keep it out of the figures
         with gctrack.Tracker(arena, backend=args.backend) as tracker:
             cards = gctrack.CardTable.for_arena(arena, args.card_size)
-            print(f"gctrack demo: {args.size_mib} MiB arena ({arena.num_pages} pages), backend "
+            print(f"gctrack passes: {args.size_mib} MiB arena ({arena.num_pages} pages), backend "
                   f"{tracker.backend}, {cards.card_size} B cards")
             print(f"{'pattern':<16}{'written':>9}{'reported':>10}{'regions':>9}{'calls':>7}"
                   f"{'cards':>9}{'pass ms':>9}  exact")
             all_exact = True
-            for name, pages in demo_patterns(arena.num_pages, numpy.random.default_rng(0)):
+            for name, pages in demo_patterns(arena.num_pages, arena.page_size,
+                                             numpy.random.default_rng(0)):
                 stats, exact = run_round(tracker, arena, cards, pages)
                 all_exact &= exact
                 print(f"{name:<16}{len(pages):>9}{stats.pages:>10}{stats.regions:>9}"
@@ -83,37 +93,56 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return 0 if all_exact else 1
 
 
-def print_cycle(number: int, stats, full_mark: float) -> None:
-    passes = ", ".join(f"{p.dirty_cards} cards/{p.rescanned} rescanned" for p in stats.preclean)
-    print(f"cycle {number}: live {stats.live:,}, freed {stats.freed:,}; concurrent mark "
-          f"{stats.concurrent_mark_seconds * 1e3:.1f} ms; precleaning [{passes}]; remark pause "
-          f"{stats.remark_pause * 1e3:.3f} ms over {stats.remark_dirty_cards} dirty cards "
-          f"(initial-mark pause {stats.initial_mark_pause * 1e3:.3f} ms); stop-the-world full mark "
-          f"{full_mark * 1e3:.1f} ms: remark is {stats.remark_pause / full_mark:.2%} of it")
+CYCLE_COLUMNS = (("cycle", 5), ("live", 11), ("freed", 10), ("mark ms", 8),
+                 ("preclean cards", 22), ("remark ms", 10), ("dirty", 7), ("init ms", 8),
+                 ("STW ms", 8), ("remark/STW", 11))
+
+
+def cycle_header() -> str:
+    return "".join(f"{name:>{width}}" for name, width in CYCLE_COLUMNS)
+
+
+def cycle_row(number: int, stats, full_mark: float) -> str:
+    """One concurrent cycle, beside a stop-the-world full mark of the same heap."""
+    preclean = ">".join(str(p.dirty_cards) for p in stats.preclean) or "-"
+    cells = (number, f"{stats.live:,}", f"{stats.freed:,}",
+             f"{stats.concurrent_mark_seconds * 1e3:.1f}", preclean,
+             f"{stats.remark_pause * 1e3:.3f}", stats.remark_dirty_cards,
+             f"{stats.initial_mark_pause * 1e3:.3f}", f"{full_mark * 1e3:.1f}",
+             f"{stats.remark_pause / full_mark:.2%}")
+    return "".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, CYCLE_COLUMNS))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """A GC demonstration: concurrent cycles under native mutators."""
     from gctrack.mutator import populate
 
+    interrupted = False
     with gctrack.Heap(args.heap_mib * MiB, backend=args.backend, card_size=args.card_size) as heap:
         made = populate(heap, int(heap.num_objects * 0.75), garbage=0.2)
         collector = gctrack.Collector(heap)
-        print(f"gctrack GC demo: {args.heap_mib} MiB heap of {heap.num_objects:,} objects "
+        print(f"gctrack demo: {args.heap_mib} MiB heap of {heap.num_objects:,} objects "
               f"({made:,} allocated, about 20 % garbage), backend {heap.backend}, "
               f"{args.threads} native mutators at {args.rate:,.0f} operations/s each")
         first = collector.collect(concurrent=False)
         print(f"warm-up stop-the-world cycle: full mark {first.full_mark_seconds * 1e3:.1f} ms, "
               f"freed {first.freed:,}")
+        print(cycle_header())
         with gctrack.NativeMutators(heap, threads=args.threads, rate=args.rate) as mutators:
-            for number in range(1, args.cycles + 1):
-                time.sleep(args.pause)
-                stats = collector.collect()
-                full_mark = collector.collect(concurrent=False).full_mark_seconds
-                print_cycle(number, stats, full_mark)
+            try:
+                for number in range(1, args.cycles + 1):
+                    time.sleep(args.pause)
+                    stats = collector.collect()
+                    full_mark = collector.collect(concurrent=False).full_mark_seconds
+                    print(cycle_row(number, stats, full_mark), flush=True)
+            except KeyboardInterrupt:
+                interrupted = True
             totals = mutators.stats()
         print(f"mutators: {totals['stores']:,} stores, {totals['allocations']:,} allocations, "
               f"{totals['root_changes']:,} root changes, {totals['violations']} violations")
+    if interrupted:
+        print("interrupted: the cycles above finished", file=sys.stderr)
+        return INTERRUPTED
     return 1 if totals["violations"] else 0
 
 
@@ -122,42 +151,103 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from gctrack import bench
 
-    results, missing = bench.run(bench.QUICK if args.quick else bench.FULL)
+    sweep = bench.QUICK if args.quick else bench.FULL
+    results, missing, interrupted = bench.run(sweep)
     print(bench.table(results, missing))
-    for path in bench.write_outputs(results, missing, Path(args.out)):
-        print(f"wrote {path}")
+    if results:
+        for path in bench.write_outputs(results, missing, Path(args.out), sweep):
+            print(f"wrote {path}")
+    if interrupted:
+        print("interrupted: the results above are the cells that finished", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gctrack", description=gctrack.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("probe", help="what this kernel supports, and why not").set_defaults(run=cmd_probe)
-    demo = sub.add_parser("demo", help="mostly-concurrent GC cycles under native mutators")
-    demo.add_argument("--heap-mib", type=int, default=256, help="heap size (default 256)")
-    demo.add_argument("--backend", default="auto", help="backend name (default auto)")
-    demo.add_argument("--card-size", type=int, default=512, help="card size in bytes (default 512)")
-    demo.add_argument("--threads", type=int, default=2, help="native mutator threads (default 2)")
-    demo.add_argument("--rate", type=float, default=50000,
+def program_name() -> str:
+    """What the user typed: ``gctrack`` for the installed script, else ``python -m gctrack``."""
+    base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m gctrack" if base in ("", "__main__.py", "-c") else base
+
+
+def checked(kind, test, meaning: str):
+    """An argparse type: ``kind`` of the text, refused unless ``test`` holds."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {meaning}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {meaning}")
+        return value
+    parse.__name__ = meaning
+    return parse
+
+
+POSITIVE = checked(int, lambda v: v > 0, "a positive whole number")
+NOT_NEGATIVE = checked(float, lambda v: v >= 0 and v != float("inf"), "a number >= 0")
+CARD_SIZE = checked(int, lambda v: v >= 64 and v & (v - 1) == 0 and v <= 1 << 30,
+                    "a power of two from 64 to 2**30")
+BACKEND_CHOICES = ("auto", *gctrack.BACKENDS)
+
+
+def add_backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                        help="tracking mechanism: %(choices)s (default auto: the best one here)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=program_name(), description=gctrack.__doc__)
+    parser.add_argument("--version", action="version", version=f"gctrack {gctrack.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    probe = sub.add_parser("probe", help="what this kernel supports, and why not",
+                           description="Prove each backend in a child process and print, for "
+                                       "every mechanism, whether it works here and why not.")
+    probe.set_defaults(run=cmd_probe)
+    demo = sub.add_parser("demo", help="mostly-concurrent GC cycles under native mutators",
+                          description="Fill a heap, start native mutator threads, and run "
+                                      "mostly-concurrent collection cycles. Each row shows one "
+                                      "cycle beside a stop-the-world full mark of the same heap.")
+    demo.add_argument("--heap-mib", type=POSITIVE, default=256, help="heap size (default 256)")
+    add_backend(demo)
+    demo.add_argument("--card-size", type=CARD_SIZE, default=512, help="card size in bytes (default 512)")
+    demo.add_argument("--threads", type=POSITIVE, default=2, help="native mutator threads (default 2)")
+    demo.add_argument("--rate", type=NOT_NEGATIVE, default=50000,
                       help="mutator operations per second per thread; 0: unthrottled (default 50000)")
-    demo.add_argument("--cycles", type=int, default=3, help="concurrent cycles (default 3)")
-    demo.add_argument("--pause", type=float, default=0.2, help="seconds between cycles (default 0.2)")
+    demo.add_argument("--cycles", type=POSITIVE, default=3, help="concurrent cycles (default 3)")
+    demo.add_argument("--pause", type=NOT_NEGATIVE, default=0.2,
+                      help="seconds between cycles (default 0.2)")
     demo.set_defaults(run=cmd_demo)
-    passes = sub.add_parser("passes", help="tracking passes over write patterns")
-    passes.add_argument("--size-mib", type=int, default=256, help="arena size (default 256)")
-    passes.add_argument("--backend", default="auto", help="backend name (default auto)")
-    passes.add_argument("--card-size", type=int, default=512, help="card size in bytes (default 512)")
+    passes = sub.add_parser("passes", help="tracking passes over write patterns",
+                            description="Write known patterns into an arena, run one pass each, "
+                                        "and check that exactly the written cards come back.")
+    passes.add_argument("--size-mib", type=POSITIVE, default=256, help="arena size (default 256)")
+    add_backend(passes)
+    passes.add_argument("--card-size", type=CARD_SIZE, default=512,
+                        help="card size in bytes (default 512)")
     passes.set_defaults(run=cmd_passes)
-    bench_parser = sub.add_parser("bench", help="compare every backend: table, JSON, CSV, plots")
+    bench_parser = sub.add_parser(
+        "bench", help="compare every backend: table, JSON, CSV, plots",
+        description="Measure every backend's first-write cost and one collect + re-arm, against "
+                    "arena size and dirty fraction. The full sweep takes about 2-3 minutes and "
+                    "about 4.2 GB of resident memory (its largest arena is 4 GiB); --quick takes "
+                    "under a minute and about 0.4 GB. Plots need matplotlib: "
+                    "pip install 'gctrack[plots]'.")
     bench_parser.add_argument("--quick", action="store_true", help="a sweep under a minute")
     bench_parser.add_argument("--out", default="gctrack-bench", help="output folder")
     bench_parser.set_defaults(run=cmd_bench)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (gctrack.TrackerError, ValueError) as exc:
         print(f"gctrack: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import sys
 import time
@@ -115,13 +116,17 @@ def collect(backend: str, arena, fraction: float, sweep: Sweep) -> Result:
 
 
 class Progress:
-    """A one-line progress bar on stderr."""
+    """Progress on stderr: a one-line bar on a terminal, plain lines elsewhere."""
 
     def __init__(self, total: int) -> None:
         self.total, self.done = total, 0
+        self.terminal = sys.stderr.isatty()
 
     def step(self, label: str) -> None:
         self.done += 1
+        if not self.terminal:
+            print(f"[{self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
+            return
         filled = 30 * self.done // self.total
         sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {label:<40}")
         sys.stderr.flush()
@@ -129,96 +134,159 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def run(sweep: Sweep) -> tuple[list[Result], dict[str, str]]:
-    """Measure every available backend; return the results and, by name, why
-    the others are unavailable."""
+def run(sweep: Sweep) -> tuple[list[Result], dict[str, str], bool]:
+    """Measure every available backend. Returns the results, by name why the
+    others are unavailable, and whether Ctrl-C cut the sweep short (the
+    results then hold the cells that finished)."""
     support = gctrack.features().backends
     available = [b for b in BACKENDS if support[b]]
     missing = {b: support[b].reason for b in BACKENDS if not support[b]}
     progress = Progress(len(available) * (1 + len(sweep.sizes) * len(sweep.fractions)))
-    results = []
-    for backend in available:
-        results.append(first_write(backend, sweep))
-        progress.step(f"first write, {backend}")
-    for size in sweep.sizes:
-        with gctrack.Arena(size) as arena:
-            arena.prefault()
-            for backend in available:
-                for fraction in sweep.fractions:
-                    results.append(collect(backend, arena, fraction, sweep))
-                    progress.step(f"collect {backend} {size // MiB} MiB {fraction:.1%}")
-    return results, missing
+    results: list[Result] = []
+    try:
+        for backend in available:
+            results.append(first_write(backend, sweep))
+            progress.step(f"first write, {backend}")
+        for size in sweep.sizes:
+            with gctrack.Arena(size) as arena:
+                arena.prefault()
+                for backend in available:
+                    for fraction in sweep.fractions:
+                        results.append(collect(backend, arena, fraction, sweep))
+                        progress.step(f"collect {backend} {size_label(size)} {fraction:.1%}")
+    except KeyboardInterrupt:
+        return results, missing, True
+    return results, missing, False
+
+
+def human_seconds(seconds: float) -> str:
+    """A duration in the unit that reads best: 690 ns, 12.3 us, 1.23 ms, 2.1 s."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            value = seconds / scale
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{seconds * 1e9:.3g} ns"
+
+
+def size_label(size: int) -> str:
+    return f"{size // 1024 ** 3} GiB" if size >= 1024 ** 3 else f"{size // MiB} MiB"
+
+
+def fraction_label(fraction: float) -> str:
+    return f"{fraction * 100:g} %"
 
 
 def table(results: list[Result], missing: dict[str, str]) -> str:
-    """One row per measurement, one column per backend, ratios to pagemap_scan."""
+    """One row per measurement, one column per backend, ratios to pagemap_scan;
+    a skipped cell shows a footnote number, and the footnotes its reason."""
     backends = [b for b in BACKENDS if b not in missing]
-    rows: dict[tuple, dict[str, float]] = {}
+    rows: dict[tuple, dict[str, Result]] = {}
     for r in results:
-        rows.setdefault((r.kind, r.size, r.fraction), {})[r.backend] = r.seconds
-    lines = [f"{'measure':<34}" + "".join(f"{b:>22}" for b in backends)]
+        rows.setdefault((r.kind, r.size, r.fraction), {})[r.backend] = r
+    notes: list[str] = []
+    lines = [f"{'measure':<30}" + "".join(f"{b:>20}" for b in backends)]
     for (kind, size, fraction), cells in rows.items():
         label = ("first write, per page" if kind == "first_write"
-                 else f"collect {size // MiB} MiB, {fraction:.1%} dirty")
+                 else f"collect {size_label(size)}, {fraction:.1%} dirty")
         reference = cells.get(REFERENCE)
-        line = f"{label:<34}"
+        line = f"{label:<30}"
         for b in backends:
-            value = cells.get(b, float("nan"))
-            if value != value:
-                line += f"{'-':>22}"
-            elif reference:
-                line += f"{value * 1e6:>12.3f} us {value / reference:>5.2f}x"
+            cell = cells.get(b)
+            if cell is None:
+                line += f"{'-':>20}"
+            elif cell.note:
+                if cell.note not in notes:
+                    notes.append(cell.note)
+                line += f"{f'skipped [{notes.index(cell.note) + 1}]':>20}"
+            elif reference and reference.seconds == reference.seconds:
+                line += f"{human_seconds(cell.seconds):>12} {cell.seconds / reference.seconds:>6.2f}x"
             else:
-                line += f"{value * 1e6:>19.3f} us"
+                line += f"{human_seconds(cell.seconds):>20}"
         lines.append(line)
+    lines += [f"[{k}] {note}" for k, note in enumerate(notes, 1)]
     for backend, reason in missing.items():
         lines.append(f"{backend}: unavailable ({reason})")
     return "\n".join(lines)
 
 
-def write_outputs(results: list[Result], missing: dict[str, str], out: Path) -> list[Path]:
+def environment(sweep: Sweep) -> dict:
+    """What the figures were measured on."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"kernel": os.uname().release, "machine": os.uname().machine, "cpu": model,
+            "cores": os.cpu_count(), "rounds": sweep.rounds}
+
+
+def write_outputs(results: list[Result], missing: dict[str, str], out: Path,
+                  sweep: Sweep) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows = [asdict(r) for r in results]
     written = [out / "results.json", out / "results.csv"]
-    written[0].write_text(json.dumps({"kernel": gctrack.features().kernel_release,
-                                      "results": rows, "unavailable": missing}, indent=1))
+    env = environment(sweep)
+    written[0].write_text(json.dumps({**env, "results": rows, "unavailable": missing}, indent=1))
     with written[1].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return written + plot(results, out)
+    return written + plot(results, out, env)
 
 
-def plot(results: list[Result], out: Path) -> list[Path]:
+def plot(results: list[Result], out: Path, env: dict) -> list[Path]:
     """Pass cost against arena size and against dirty fraction, if matplotlib is there."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install 'gctrack[plots]')",
+              file=sys.stderr)
         return []
-    collects = [r for r in results if r.kind == "collect" and r.seconds == r.seconds]
+    collects = [r for r in results if r.kind == "collect"]
+    caption = (f"{env['cpu']}, {env['cores']} cores, Linux {env['kernel']}; "
+               f"median of {env['rounds']} rounds; x: skipped (see the table)")
     paths = []
     for axis, fixed, name in (("size", "fraction", "cost_vs_size.png"),
                               ("fraction", "size", "cost_vs_fraction.png")):
-        chosen = sorted({getattr(r, fixed) for r in collects})
-        pick = chosen[len(chosen) // 2] if chosen else None
-        figure, ax = plt.subplots(figsize=(7, 4.5))
-        for backend in BACKENDS:
-            points = sorted((getattr(r, axis), r.seconds) for r in collects
-                            if r.backend == backend and getattr(r, fixed) == pick)
-            if points:
-                xs = [x / MiB if axis == "size" else x * 100 for x, _ in points]
-                ax.plot(xs, [y * 1e3 for _, y in points], marker="o", label=backend)
-        ax.set_xlabel("arena size (MiB)" if axis == "size" else "pages written (%)")
-        ax.set_ylabel("one collect + re-arm (ms)")
-        ax.set_xscale("log" if axis == "size" else "symlog")
-        ax.set_yscale("log")
-        ax.set_title(f"collect cost, {fixed} fixed at "
-                     f"{pick / MiB:.0f} MiB" if fixed == "size" else f"collect cost, {pick:.1%} written")
-        ax.legend()
-        figure.tight_layout()
-        figure.savefig(out / name, dpi=110)
-        plt.close(figure)
-        paths.append(out / name)
+        paths.append(plot_one(plt, collects, axis, fixed, caption, out / name))
     return paths
+
+
+def plot_one(plt, collects: list[Result], axis: str, fixed: str, caption: str, path: Path) -> Path:
+    """One figure: every backend's collect cost along ``axis``, ``fixed`` at its middle value.
+    Points sit at evenly spaced positions labelled with their real values, so
+    that 0 % and 0.1 % do not overlap; skipped cells are drawn as an x on the floor."""
+    chosen = sorted({getattr(r, fixed) for r in collects})
+    pick = chosen[len(chosen) // 2] if chosen else None
+    xs = sorted({getattr(r, axis) for r in collects})
+    position = {x: k for k, x in enumerate(xs)}
+    measured = [r.seconds for r in collects if r.seconds == r.seconds]
+    floor = min(measured) * 1e3 / 2 if measured else 1e-3
+    figure, ax = plt.subplots(figsize=(7.5, 4.8))
+    for backend in BACKENDS:
+        cells = sorted((getattr(r, axis), r) for r in collects
+                       if r.backend == backend and getattr(r, fixed) == pick)
+        done = [(position[x], r.seconds * 1e3) for x, r in cells if not r.note]
+        skipped = [position[x] for x, r in cells if r.note]
+        if done:
+            line, = ax.plot(*zip(*done), marker="o", label=backend)
+            if skipped:
+                ax.plot(skipped, [floor] * len(skipped), linestyle="none", marker="x",
+                        markersize=9, color=line.get_color())
+    ax.set_xticks(range(len(xs)))
+    ax.set_xticklabels([size_label(x) if axis == "size" else fraction_label(x) for x in xs])
+    ax.set_xlabel("arena size" if axis == "size" else "pages written before the pass")
+    ax.set_ylabel("one collect + re-arm (ms)")
+    ax.set_yscale("log")
+    ax.set_title(f"collect cost at {size_label(pick)}" if fixed == "size"
+                 else f"collect cost with {pick:.1%} of pages written")
+    figure.text(0.01, 0.01, caption, fontsize=7, color="0.35")
+    ax.legend()
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

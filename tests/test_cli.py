@@ -1,7 +1,11 @@
 """The command line, as a user runs it."""
 import json
+import signal
 import subprocess
 import sys
+import time
+
+import pytest
 
 import gctrack
 
@@ -14,14 +18,84 @@ def run(*args, timeout=300):
 def test_demo_runs_gc_cycles_with_no_violation():
     done = run("demo", "--heap-mib", "32", "--cycles", "2", "--pause", "0.05")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("remark pause") == 2
+    rows = [line.split() for line in done.stdout.splitlines() if line[:5].strip().isdigit()]
+    assert [row[0] for row in rows] == ["1", "2"], done.stdout
+    assert all(len(row) == 10 and row[-1].endswith("%") for row in rows)
+    assert max(len(line) for line in done.stdout.splitlines()[2:]) <= 120
     assert "0 violations" in done.stdout
 
 
 def test_passes_are_exact():
     done = run("passes", "--size-mib", "16")
     assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("gctrack passes:")
     assert " NO" not in done.stdout and "0 missing" in done.stdout
+
+
+@pytest.mark.parametrize("size_mib", ["1", "4", "7"])
+def test_passes_work_on_small_arenas(size_mib):
+    done = run("passes", "--size-mib", size_mib)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count(" yes") == 6
+
+
+def test_passes_store_through_the_software_barrier():
+    done = run("passes", "--size-mib", "8", "--backend", "software")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count(" yes") == 6 and " NO" not in done.stdout
+    assert "no barrier" in done.stdout
+
+
+def test_help_names_the_program_lists_backends_and_describes_commands():
+    done = run("--help")
+    assert done.returncode == 0 and done.stdout.startswith("usage: python -m gctrack")
+    assert run("--version").stdout.strip() == f"gctrack {gctrack.__version__}"
+    for command in ("probe", "demo", "passes", "bench"):
+        text = run(command, "--help").stdout
+        assert text.count("\n\n") >= 2, f"{command} has no description"
+    demo = run("demo", "--help").stdout
+    assert all(name in demo for name in gctrack.BACKENDS)
+    assert "4.2 GB" in run("bench", "--help").stdout
+
+
+@pytest.mark.parametrize("option, value", [("--threads", "0"), ("--rate", "-5"), ("--pause", "-1"),
+                                           ("--heap-mib", "0"), ("--card-size", "100"),
+                                           ("--cycles", "x")])
+def test_bad_demo_arguments_fail_at_once_naming_the_option(option, value):
+    started = time.monotonic()
+    done = run("demo", option, value)
+    assert done.returncode == 2 and f"argument {option}:" in done.stderr
+    assert "roots_per_thread" not in done.stderr
+    assert time.monotonic() - started < 5
+
+
+def test_ctrl_c_in_the_demo_exits_cleanly_after_finished_cycles():
+    child = subprocess.Popen([sys.executable, "-m", "gctrack", "demo", "--heap-mib", "16",
+                              "--cycles", "1000", "--pause", "0.02"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in child.stdout:
+        if line.split()[:1] == ["1"]:              # the first cycle's row
+            break
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert "violations" in out
+
+
+def test_ctrl_c_in_the_bench_keeps_the_finished_results(tmp_path):
+    child = subprocess.Popen([sys.executable, "-m", "gctrack", "bench", "--quick", "--out",
+                              str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    for line in child.stderr:
+        if line.startswith("[2/"):                  # plain progress lines: stderr is a pipe
+            break
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and "\r" not in err
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert len(results) >= 2
 
 
 def test_bench_quick_writes_results_and_names_missing_backends(tmp_path):
@@ -37,8 +111,13 @@ def test_bench_quick_writes_results_and_names_missing_backends(tmp_path):
             assert f"{name}: unavailable ({support.reason})" in done.stdout
     assert (tmp_path / "results.csv").read_text().startswith("kind,backend,size,fraction,seconds")
     assert all(r["seconds"] > 0 for r in results["results"] if not r["note"])
+    assert results["cores"] == __import__("os").cpu_count() and results["rounds"] == 3
+    assert " us" in done.stdout or " ms" in done.stdout
+    for note in {r["note"] for r in results["results"] if r["note"]}:
+        assert note in done.stdout, "a skipped cell names its reason"
 
 
 def test_bad_options_fail_cleanly():
     done = run("demo", "--backend", "nonsense", "--heap-mib", "4")
-    assert done.returncode == 2 and "unknown backend" in done.stderr
+    assert done.returncode == 2 and "invalid choice: 'nonsense'" in done.stderr
+    assert "pagemap_scan" in done.stderr
