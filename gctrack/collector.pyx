@@ -30,7 +30,7 @@ from gctrack.backend cimport PassCounts
 from gctrack.cards cimport (CardBits, CardTable, cards_clear, cards_count, cards_next_clean,
                             cards_next_dirty)
 from gctrack.dirtymap cimport gct_bits_load
-from gctrack.heap cimport (Heap, HeapCore, heap_is_object, safepoint_resume_world,
+from gctrack.heap cimport (Heap, HeapCore, heap_is_object, heap_load, safepoint_resume_world,
                            safepoint_stop_world)
 from gctrack.tracker cimport tracker_pass_into
 from gctrack.threads cimport pthread_mutex_lock, pthread_mutex_unlock
@@ -44,11 +44,9 @@ cdef extern from *:
         uint64_t mask = (uint64_t)1 << (bit & 63);
         return !(__atomic_fetch_or(&marks[bit >> 6], mask, __ATOMIC_ACQ_REL) & mask);
     }
-    static inline uint64_t gct_load_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
     static inline void gct_store_u64_relaxed(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
     """
     bint gct_test_and_mark(uint64_t *marks, size_t bit) nogil
-    uint64_t gct_load_u64(const uint64_t *p) nogil
     void gct_store_u64_relaxed(uint64_t *p, uint64_t v) nogil
 
 
@@ -87,13 +85,13 @@ cdef inline void scan_object(HeapCore *h, GrayStack *s, uintptr_t obj) noexcept 
     cdef const uint64_t *slots = <const uint64_t *>obj + 1
     cdef size_t i
     for i in range(h.slots):
-        shade(h, s, gct_load_u64(&slots[i]))
+        shade(h, s, heap_load(&slots[i]))
 
 
 cdef void mark_roots(HeapCore *h, GrayStack *s) noexcept nogil:
     cdef size_t i
     for i in range(h.max_roots):
-        shade(h, s, gct_load_u64(&h.roots[i]))
+        shade(h, s, heap_load(&h.roots[i]))
 
 
 cdef uint64_t drain(HeapCore *h, GrayStack *s) noexcept nogil:
@@ -124,7 +122,7 @@ cdef uint64_t rescan_dirty(HeapCore *h, const CardBits *cards, GrayStack *s) noe
         index = (start - h.base) >> h.object_shift
         last = (end - 1 - h.base) >> h.object_shift
         while index <= last:
-            if is_marked(h, index) and (<uint64_t *>(h.base + (index << h.object_shift)))[0]:
+            if is_marked(h, index) and heap_load(<uint64_t *>(h.base + (index << h.object_shift))):
                 scan_object(h, s, h.base + (index << h.object_shift))
                 rescanned += 1
             index += 1

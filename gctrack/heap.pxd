@@ -6,12 +6,31 @@ at base + i * object_size; word 0 is its header (0 = free, HEADER_LIVE =
 allocated); words 1 .. object_size / 8 - 1 are reference slots holding the
 address of an object, or 0. Mark bits, the free list and the roots live
 outside the arena, so the collector's own writes are never tracked.
+
+Memory ordering: the marker reads objects while mutators allocate and store.
+heap_alloc zeroes an object's slots and then stores its header with RELEASE;
+every reference a mutator stores (slot or root) is a RELEASE store
+(heap_publish); the marker and the mutators load headers, slots and roots
+with ACQUIRE (heap_load). So whoever sees an object's address or header also
+sees its zeroed slots, even on weakly ordered CPUs (aarch64). On x86 these
+are plain moves.
 """
 from libc.stdint cimport uint64_t, uintptr_t
 from gctrack.arena cimport Arena
 from gctrack.software cimport SoftwareCore
 from gctrack.tracker cimport Tracker
 from gctrack.threads cimport pthread_mutex_t, pthread_cond_t
+
+
+cdef extern from *:
+    """
+    static inline uint64_t gct_heap_load(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void gct_heap_publish(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    """
+    # A header, slot or root word, as the marker or a mutator reads it.
+    uint64_t heap_load "gct_heap_load" (const uint64_t *p) nogil
+    # A header, slot or root word, as a mutator (or heap_alloc) writes it.
+    void heap_publish "gct_heap_publish" (uint64_t *p, uint64_t v) nogil
 
 
 ctypedef struct Safepoint:

@@ -29,11 +29,9 @@ cdef extern from *:
     """
     static inline int gct_load_int(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void gct_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-    static inline void gct_store_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
     """
     int gct_load_int(const int *p) nogil
     void gct_store_int(int *p, int v) nogil
-    void gct_store_u64(uint64_t *p, uint64_t v) nogil
 
 
 # ---- allocation and stores ----------------------------------------------------
@@ -52,7 +50,7 @@ cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil:
         gct_bits_set(h.marks, index)
     obj = <uint64_t *>(h.base + (index << h.object_shift))
     memset(obj + 1, 0, h.slots * sizeof(uint64_t))
-    gct_store_u64(obj, LIVE)
+    heap_publish(obj, LIVE)               # after the zeroed slots (see heap.pxd)
     pthread_mutex_unlock(&h.alloc_lock)
     return <uintptr_t>obj
 
@@ -63,13 +61,13 @@ cdef bint heap_is_object(const HeapCore *h, uintptr_t addr) noexcept nogil:
         return False
     if (addr - h.base) & (h.object_size - 1):
         return False
-    return (<uint64_t *>addr)[0] != 0
+    return heap_load(<uint64_t *>addr) != 0
 
 
 cdef void heap_store(HeapCore *h, uintptr_t obj, size_t slot, uintptr_t target) noexcept nogil:
     """The mutator's reference store, with the card-marking barrier when software."""
     cdef uint64_t *field = <uint64_t *>obj + 1 + slot
-    gct_store_u64(field, target)
+    heap_publish(field, target)
     if h.barrier != NULL:
         software_write_barrier(h.barrier, <uintptr_t>field)
 
@@ -254,7 +252,7 @@ cdef class Heap:
     def get_ref(self, obj, slot):
         cdef uintptr_t o = self.checked_object(obj, "obj")
         cdef size_t index = self.checked_slot(slot)
-        return (<uint64_t *>o)[1 + index]
+        return heap_load(<uint64_t *>o + 1 + index)
 
     def add_root(self, obj):
         """Make ``obj`` a root; returns its root slot."""

@@ -14,7 +14,7 @@ from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 from posix.time cimport clock_gettime, nanosleep, timespec, CLOCK_MONOTONIC
 
-from gctrack.heap cimport (Heap, HeapCore, heap_alloc, heap_is_object, heap_store,
+from gctrack.heap cimport (Heap, HeapCore, heap_alloc, heap_load, heap_publish, heap_store,
                            safepoint_enter, safepoint_leave, safepoint_poll,
                            safepoint_resume_world, safepoint_stop_world)
 from gctrack.threads cimport pthread_t, pthread_create, pthread_join
@@ -27,14 +27,10 @@ cdef extern from *:
     static inline int gct_mut_load(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void gct_mut_store(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline void gct_mut_increment(int *p) { __atomic_add_fetch(p, 1, __ATOMIC_RELEASE); }
-    static inline uint64_t gct_mut_load_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
-    static inline void gct_mut_store_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
     """
     int gct_mut_load(const int *p) nogil
     void gct_mut_store(int *p, int v) nogil
     void gct_mut_increment(int *p) nogil
-    uint64_t gct_mut_load_u64(const uint64_t *p) nogil
-    void gct_mut_store_u64(uint64_t *p, uint64_t v) nogil
 
 
 ctypedef struct MutatorState:
@@ -73,21 +69,21 @@ cdef uintptr_t walk(MutatorState *m) noexcept nogil:
     cdef HeapCore *h = m.heap
     cdef uintptr_t obj = 0
     if next_random(&m.rng) % 4 == 0:
-        obj = gct_mut_load_u64(&h.roots[next_random(&m.rng) % h.max_roots])
+        obj = heap_load(&h.roots[next_random(&m.rng) % h.max_roots])
     if obj == 0:
-        obj = gct_mut_load_u64(&h.roots[m.first_root + next_random(&m.rng) % m.num_roots])
+        obj = heap_load(&h.roots[m.first_root + next_random(&m.rng) % m.num_roots])
     cdef uintptr_t next_obj
     cdef int steps = next_random(&m.rng) % 12
     if obj == 0:
         return 0
     while True:
-        if (<uint64_t *>obj)[0] == 0:
+        if heap_load(<uint64_t *>obj) == 0:
             m.violations += 1         # a reachable object was freed
             return 0
         if steps == 0:
             return obj
         steps -= 1
-        next_obj = gct_mut_load_u64(<uint64_t *>obj + 1 + next_random(&m.rng) % h.slots)
+        next_obj = heap_load(<uint64_t *>obj + 1 + next_random(&m.rng) % h.slots)
         if next_obj == 0:
             return obj
         obj = next_obj
@@ -124,7 +120,7 @@ cdef void mutate_once(MutatorState *m) noexcept nogil:
         m.allocations += target != 0
         if target == 0:
             return
-    gct_mut_store_u64(&h.roots[root], target)
+    heap_publish(&h.roots[root], target)
     m.root_changes += 1
 
 
@@ -291,7 +287,7 @@ def populate(Heap heap not None, objects, *, garbage=0.2, seed=1):
             if next_random(&rng) % 1000000 < garbage_threshold:
                 continue                                  # born unreachable
             if linked < roots:
-                h.roots[root_slots[linked]] = obj
+                heap_publish(&h.roots[root_slots[linked]], obj)
             else:                                         # child of an earlier object
                 heap_store(h, tree[(linked - roots) // h.slots], (linked - roots) % h.slots, obj)
             tree[linked] = obj
