@@ -30,8 +30,7 @@ from gctrack.backend cimport PassCounts
 from gctrack.cards cimport (CardBits, CardTable, cards_clear, cards_count, cards_next_clean,
                             cards_next_dirty)
 from gctrack.dirtymap cimport gct_bits_load
-from gctrack.heap cimport (Heap, HeapCore, heap_is_object, heap_load, safepoint_resume_world,
-                           safepoint_stop_world)
+from gctrack.heap cimport Heap, HeapCore, heap_is_object, heap_load
 from gctrack.tracker cimport tracker_pass_into
 from gctrack.threads cimport pthread_mutex_lock, pthread_mutex_unlock
 
@@ -170,8 +169,7 @@ cdef class Collector:
     cdef GrayStack stack
 
     def __cinit__(self, Heap heap not None):
-        if heap.tracker.closed:
-            raise ValueError("the heap is closed")
+        heap.check_open()
         self.heap = heap
         self.cards = CardTable.for_arena(heap.arena, heap.card_size)
 
@@ -203,8 +201,7 @@ cdef class Collector:
 
     def collect(self, *, concurrent=True, max_preclean=3):
         """One collection cycle. ``concurrent=False`` is the stop-the-world baseline."""
-        if self.heap.tracker.closed:
-            raise ValueError("the heap is closed")
+        self.heap.check_open()
         if self.heap.collecting:
             raise RuntimeError("a collection of this heap is already running")
         max_preclean = int(max_preclean)
@@ -240,7 +237,7 @@ cdef class Collector:
         cdef HeapCore *h = &self.heap.core
         cdef double started, marked
         cdef uint64_t freed
-        safepoint_stop_world(&h.safepoint)
+        self.heap.stop_world()
         try:
             started = now()
             mark_roots(h, &self.stack)
@@ -249,7 +246,7 @@ cdef class Collector:
             self.check_stack()            # a mark dropped for want of memory: no sweep
             freed = sweep(h)
         finally:
-            safepoint_resume_world(&h.safepoint)
+            self.heap.resume_world()
         return CycleStats(backend=self.heap.backend, concurrent=False, live=self.heap.live_count,
                           freed=freed, initial_mark_pause=0.0, concurrent_mark_seconds=0.0,
                           preclean=(), remark_pause=marked - started, remark_dirty_cards=0,
@@ -265,14 +262,14 @@ cdef class Collector:
         # the marker; a store after it lands on a dirty card.
         self.dirty_pass(False)
         # initial mark, native mutators parked and the GIL held
-        safepoint_stop_world(&h.safepoint)
+        self.heap.stop_world()
         t0 = now()
         pthread_mutex_lock(&h.alloc_lock)
         h.allocate_marked = True
         pthread_mutex_unlock(&h.alloc_lock)
         mark_roots(h, &self.stack)
         t1 = now()
-        safepoint_resume_world(&h.safepoint)
+        self.heap.resume_world()
         initial_pause = t1 - t0
         # 2. concurrent mark
         with nogil:
@@ -297,7 +294,7 @@ cdef class Collector:
                 break                         # not shrinking to 2/3: remark now
             previous = dirty
         # 4. remark: native mutators parked, the GIL held throughout
-        safepoint_stop_world(&h.safepoint)
+        self.heap.stop_world()
         t0 = now()
         try:
             self.dirty_pass(True)
@@ -307,7 +304,7 @@ cdef class Collector:
             drain(h, &self.stack)
             t1 = now()
         finally:
-            safepoint_resume_world(&h.safepoint)
+            self.heap.resume_world()
         self.check_stack()
         remark_pause = t1 - t0
         # 5. sweep, mutators running

@@ -34,11 +34,13 @@ cdef extern from *:
 
 
 ctypedef struct Safepoint:
-    # The stop-the-world handshake between a collector and native mutators.
+    # The stop-the-world handshake between stoppers (a collector, a user's
+    # NativeMutators.pause()) and native mutator threads. Stops nest: the
+    # world runs again when the last stop is withdrawn.
     pthread_mutex_t lock
-    pthread_cond_t parked_changed   # a mutator parked or left: the collector re-checks
-    pthread_cond_t resumed          # the collector released the world
-    int stop_requested              # read by mutators' polls without the lock (atomic)
+    pthread_cond_t parked_changed   # a mutator parked or left: stoppers re-check (CLOCK_MONOTONIC)
+    pthread_cond_t resumed          # the last stop was withdrawn, or mutators were told to quit
+    int stop_requests               # stops in force; mutators' polls read it without the lock (atomic)
     int mutators                    # registered mutator threads
     int parked                      # of those, how many wait at a safepoint
 
@@ -63,11 +65,17 @@ ctypedef struct HeapCore:
 cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil
 cdef bint heap_is_object(const HeapCore *h, uintptr_t addr) noexcept nogil
 cdef void heap_store(HeapCore *h, uintptr_t obj, size_t slot, uintptr_t target) noexcept nogil
-cdef void safepoint_poll(Safepoint *sp) noexcept nogil
-cdef void safepoint_stop_world(Safepoint *sp) noexcept nogil
-cdef void safepoint_resume_world(Safepoint *sp) noexcept nogil
-cdef void safepoint_enter(Safepoint *sp) noexcept nogil
+
+# Mutator threads: enter once, poll between operations, leave at the end.
+# A mutator parks while a stop is in force and *running is non-zero.
+cdef void safepoint_enter(Safepoint *sp, int *joined, const int *running) noexcept nogil
+cdef void safepoint_poll(Safepoint *sp, const int *running) noexcept nogil
 cdef void safepoint_leave(Safepoint *sp) noexcept nogil
+# Stoppers (Heap.stop_world() is the interruptible way to stop from Python).
+cdef void safepoint_request_stop(Safepoint *sp) noexcept nogil
+cdef bint safepoint_wait_parked(Safepoint *sp, long long timeout_ns) noexcept nogil
+cdef void safepoint_resume_world(Safepoint *sp) noexcept nogil
+cdef void safepoint_wake_parked(Safepoint *sp) noexcept nogil
 
 
 cdef class Heap:
@@ -78,7 +86,14 @@ cdef class Heap:
     cdef object marks_array, free_array, roots_array    # own the side memory
     cdef readonly object reserved_roots                  # bool per root slot: add_root skips it
     cdef bint ready
+    cdef bint closed_by_user                             # close() was called
+    cdef long owner_pid                                  # the process whose threads use the safepoint
     cdef public bint collecting                          # a Collector cycle is running
 
+    cdef int check_open(self) except -1
     cdef uintptr_t checked_object(self, object obj, str what) except 0
     cdef size_t checked_slot(self, object slot) except? 0
+    cdef Py_ssize_t reserve_root_run(self, size_t count) except -1
+    cdef void release_root_run(self, size_t first, size_t count) noexcept
+    cdef int stop_world(self) except -1
+    cdef void resume_world(self) noexcept
