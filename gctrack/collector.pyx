@@ -199,18 +199,31 @@ cdef class Collector:
             raise TrackerError(-rc, "tracking pass", "in the collector")
         return counts
 
-    def collect(self, *, concurrent=True, max_preclean=3):
-        """One collection cycle. ``concurrent=False`` is the stop-the-world baseline."""
+    def collect(self, *, concurrent=True, max_preclean=3, after_phase=None):
+        """One collection cycle. ``concurrent=False`` is the stop-the-world baseline.
+
+        ``after_phase`` is a testing aid, for concurrent cycles: it is called
+        with a phase's name when that phase ends, with the GIL held and the
+        mutators running, so that a test can change the object graph at a
+        chosen point of the cycle. The names, in order: ``"initial_mark"``
+        (roots shaded, nothing traced yet), ``"concurrent_mark"``,
+        ``"preclean"`` (once per precleaning round), ``"before_remark"``
+        (the world stops next). An exception it raises abandons the cycle.
+        """
         self.heap.check_open()
         if self.heap.collecting:
             raise RuntimeError("a collection of this heap is already running")
         max_preclean = int(max_preclean)
         if max_preclean < 0:
             raise ValueError(f"max_preclean must be >= 0, got {max_preclean}")
+        if after_phase is not None and not callable(after_phase):
+            raise TypeError(f"after_phase must be callable, got {type(after_phase).__name__}")
+        if after_phase is not None and not concurrent:
+            raise ValueError("after_phase needs a concurrent cycle: a stop-the-world one has no phases")
         self.heap.collecting = True
         try:
             if concurrent:
-                return self.concurrent_cycle(max_preclean)
+                return self.concurrent_cycle(max_preclean, after_phase)
             return self.stop_the_world_cycle()
         except BaseException:
             self.abandon_cycle()
@@ -252,7 +265,7 @@ cdef class Collector:
                           preclean=(), remark_pause=marked - started, remark_dirty_cards=0,
                           full_mark_seconds=marked - started, sweep_seconds=now() - marked)
 
-    cdef object concurrent_cycle(self, int max_preclean):
+    cdef object concurrent_cycle(self, int max_preclean, object after_phase):
         cdef HeapCore *h = &self.heap.core
         cdef double t0, t1, t2
         cdef uint64_t rescanned, freed, previous = 0
@@ -271,6 +284,8 @@ cdef class Collector:
         t1 = now()
         self.heap.resume_world()
         initial_pause = t1 - t0
+        if after_phase is not None:
+            after_phase("initial_mark")
         # 2. concurrent mark
         with nogil:
             t0 = now()
@@ -278,6 +293,8 @@ cdef class Collector:
             t1 = now()
         self.check_stack()
         concurrent_seconds = t1 - t0
+        if after_phase is not None:
+            after_phase("concurrent_mark")
         # 3. precleaning
         preclean = []
         for _ in range(max_preclean):
@@ -290,9 +307,13 @@ cdef class Collector:
                 t1 = now()
             self.check_stack()
             preclean.append(PrecleanPass(dirty_cards=dirty, rescanned=rescanned, seconds=t1 - t0))
+            if after_phase is not None:
+                after_phase("preclean")
             if preclean[:-1] and dirty * 3 > previous * 2:
                 break                         # not shrinking to 2/3: remark now
             previous = dirty
+        if after_phase is not None:
+            after_phase("before_remark")
         # 4. remark: native mutators parked, the GIL held throughout
         self.heap.stop_world()
         t0 = now()
