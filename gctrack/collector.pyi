@@ -1,7 +1,14 @@
+from typing import Callable
+
 from gctrack.heap import Heap
 from gctrack.stats import CycleStats
 
 class Collector:
     heap: Heap
     def __init__(self, heap: Heap) -> None: ...
-    def collect(self, *, concurrent: bool = True, max_preclean: int = 3) -> CycleStats: ...
+    def collect(self, *, concurrent: bool = True, max_preclean: int = 3,
+                after_phase: Callable[[str], object] | None = None) -> CycleStats:
+        """One cycle. ``after_phase`` (a testing aid, concurrent cycles only) is
+        called with "initial_mark", "concurrent_mark", "preclean" (each round)
+        and "before_remark", with the GIL held and the mutators running."""
+        ...

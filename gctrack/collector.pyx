@@ -30,8 +30,7 @@ from gctrack.backend cimport PassCounts
 from gctrack.cards cimport (CardBits, CardTable, cards_clear, cards_count, cards_next_clean,
                             cards_next_dirty)
 from gctrack.dirtymap cimport gct_bits_load
-from gctrack.heap cimport (Heap, HeapCore, heap_is_object, safepoint_resume_world,
-                           safepoint_stop_world)
+from gctrack.heap cimport Heap, HeapCore, heap_is_object, heap_load
 from gctrack.tracker cimport tracker_owner_pass
 from gctrack.threads cimport pthread_mutex_lock, pthread_mutex_unlock
 
@@ -44,11 +43,9 @@ cdef extern from *:
         uint64_t mask = (uint64_t)1 << (bit & 63);
         return !(__atomic_fetch_or(&marks[bit >> 6], mask, __ATOMIC_ACQ_REL) & mask);
     }
-    static inline uint64_t gct_load_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
     static inline void gct_store_u64_relaxed(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
     """
     bint gct_test_and_mark(uint64_t *marks, size_t bit) nogil
-    uint64_t gct_load_u64(const uint64_t *p) nogil
     void gct_store_u64_relaxed(uint64_t *p, uint64_t v) nogil
 
 
@@ -87,13 +84,13 @@ cdef inline void scan_object(HeapCore *h, GrayStack *s, uintptr_t obj) noexcept 
     cdef const uint64_t *slots = <const uint64_t *>obj + 1
     cdef size_t i
     for i in range(h.slots):
-        shade(h, s, gct_load_u64(&slots[i]))
+        shade(h, s, heap_load(&slots[i]))
 
 
 cdef void mark_roots(HeapCore *h, GrayStack *s) noexcept nogil:
     cdef size_t i
     for i in range(h.max_roots):
-        shade(h, s, gct_load_u64(&h.roots[i]))
+        shade(h, s, heap_load(&h.roots[i]))
 
 
 cdef uint64_t drain(HeapCore *h, GrayStack *s) noexcept nogil:
@@ -124,7 +121,7 @@ cdef uint64_t rescan_dirty(HeapCore *h, const CardBits *cards, GrayStack *s) noe
         index = (start - h.base) >> h.object_shift
         last = (end - 1 - h.base) >> h.object_shift
         while index <= last:
-            if is_marked(h, index) and (<uint64_t *>(h.base + (index << h.object_shift)))[0]:
+            if is_marked(h, index) and heap_load(<uint64_t *>(h.base + (index << h.object_shift))):
                 scan_object(h, s, h.base + (index << h.object_shift))
                 rescanned += 1
             index += 1
@@ -172,8 +169,7 @@ cdef class Collector:
     cdef GrayStack stack
 
     def __cinit__(self, Heap heap not None):
-        if heap.tracker.closed:
-            raise ValueError("the heap is closed")
+        heap.check_open()
         self.heap = heap
         self.cards = CardTable.for_arena(heap.arena, heap.card_size)
 
@@ -204,19 +200,31 @@ cdef class Collector:
             raise TrackerError(-rc, "tracking pass", "in the collector")
         return counts
 
-    def collect(self, *, concurrent=True, max_preclean=3):
-        """One collection cycle. ``concurrent=False`` is the stop-the-world baseline."""
-        if self.heap.tracker.closed:
-            raise ValueError("the heap is closed")
+    def collect(self, *, concurrent=True, max_preclean=3, after_phase=None):
+        """One collection cycle. ``concurrent=False`` is the stop-the-world baseline.
+
+        ``after_phase`` is a testing aid, for concurrent cycles: it is called
+        with a phase's name when that phase ends, with the GIL held and the
+        mutators running, so that a test can change the object graph at a
+        chosen point of the cycle. The names, in order: ``"initial_mark"``
+        (roots shaded, nothing traced yet), ``"concurrent_mark"``,
+        ``"preclean"`` (once per precleaning round), ``"before_remark"``
+        (the world stops next). An exception it raises abandons the cycle.
+        """
+        self.heap.check_open()
         if self.heap.collecting:
             raise RuntimeError("a collection of this heap is already running")
         max_preclean = int(max_preclean)
         if max_preclean < 0:
             raise ValueError(f"max_preclean must be >= 0, got {max_preclean}")
+        if after_phase is not None and not callable(after_phase):
+            raise TypeError(f"after_phase must be callable, got {type(after_phase).__name__}")
+        if after_phase is not None and not concurrent:
+            raise ValueError("after_phase needs a concurrent cycle: a stop-the-world one has no phases")
         self.heap.collecting = True
         try:
             if concurrent:
-                return self.concurrent_cycle(max_preclean)
+                return self.concurrent_cycle(max_preclean, after_phase)
             return self.stop_the_world_cycle()
         except BaseException:
             self.abandon_cycle()
@@ -243,7 +251,7 @@ cdef class Collector:
         cdef HeapCore *h = &self.heap.core
         cdef double started, marked
         cdef uint64_t freed
-        safepoint_stop_world(&h.safepoint)
+        self.heap.stop_world()
         try:
             started = now()
             mark_roots(h, &self.stack)
@@ -252,13 +260,13 @@ cdef class Collector:
             self.check_stack()            # a mark dropped for want of memory: no sweep
             freed = sweep(h)
         finally:
-            safepoint_resume_world(&h.safepoint)
+            self.heap.resume_world()
         return CycleStats(backend=self.heap.backend, concurrent=False, live=self.heap.live_count,
                           freed=freed, initial_mark_pause=0.0, concurrent_mark_seconds=0.0,
                           preclean=(), remark_pause=marked - started, remark_dirty_cards=0,
                           full_mark_seconds=marked - started, sweep_seconds=now() - marked)
 
-    cdef object concurrent_cycle(self, int max_preclean):
+    cdef object concurrent_cycle(self, int max_preclean, object after_phase):
         cdef HeapCore *h = &self.heap.core
         cdef double t0, t1, t2
         cdef uint64_t rescanned, freed, previous = 0
@@ -268,15 +276,17 @@ cdef class Collector:
         # the marker; a store after it lands on a dirty card.
         self.dirty_pass(False)
         # initial mark, native mutators parked and the GIL held
-        safepoint_stop_world(&h.safepoint)
+        self.heap.stop_world()
         t0 = now()
         pthread_mutex_lock(&h.alloc_lock)
         h.allocate_marked = True
         pthread_mutex_unlock(&h.alloc_lock)
         mark_roots(h, &self.stack)
         t1 = now()
-        safepoint_resume_world(&h.safepoint)
+        self.heap.resume_world()
         initial_pause = t1 - t0
+        if after_phase is not None:
+            after_phase("initial_mark")
         # 2. concurrent mark
         with nogil:
             t0 = now()
@@ -284,6 +294,8 @@ cdef class Collector:
             t1 = now()
         self.check_stack()
         concurrent_seconds = t1 - t0
+        if after_phase is not None:
+            after_phase("concurrent_mark")
         # 3. precleaning
         preclean = []
         for _ in range(max_preclean):
@@ -296,11 +308,15 @@ cdef class Collector:
                 t1 = now()
             self.check_stack()
             preclean.append(PrecleanPass(dirty_cards=dirty, rescanned=rescanned, seconds=t1 - t0))
+            if after_phase is not None:
+                after_phase("preclean")
             if preclean[:-1] and dirty * 3 > previous * 2:
                 break                         # not shrinking to 2/3: remark now
             previous = dirty
+        if after_phase is not None:
+            after_phase("before_remark")
         # 4. remark: native mutators parked, the GIL held throughout
-        safepoint_stop_world(&h.safepoint)
+        self.heap.stop_world()
         t0 = now()
         try:
             self.dirty_pass(True)
@@ -310,7 +326,7 @@ cdef class Collector:
             drain(h, &self.stack)
             t1 = now()
         finally:
-            safepoint_resume_world(&h.safepoint)
+            self.heap.resume_world()
         self.check_stack()
         remark_pause = t1 - t0
         # 5. sweep, mutators running

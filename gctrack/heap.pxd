@@ -6,6 +6,14 @@ at base + i * object_size; word 0 is its header (0 = free, HEADER_LIVE =
 allocated); words 1 .. object_size / 8 - 1 are reference slots holding the
 address of an object, or 0. Mark bits, the free list and the roots live
 outside the arena, so the collector's own writes are never tracked.
+
+Memory ordering: the marker reads objects while mutators allocate and store.
+heap_alloc zeroes an object's slots and then stores its header with RELEASE;
+every reference a mutator stores (slot or root) is a RELEASE store
+(heap_publish); the marker and the mutators load headers, slots and roots
+with ACQUIRE (heap_load). So whoever sees an object's address or header also
+sees its zeroed slots, even on weakly ordered CPUs (aarch64). On x86 these
+are plain moves.
 """
 from libc.stdint cimport uint64_t, uintptr_t
 from gctrack.arena cimport Arena
@@ -14,12 +22,25 @@ from gctrack.tracker cimport Tracker
 from gctrack.threads cimport pthread_mutex_t, pthread_cond_t
 
 
+cdef extern from *:
+    """
+    static inline uint64_t gct_heap_load(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void gct_heap_publish(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    """
+    # A header, slot or root word, as the marker or a mutator reads it.
+    uint64_t heap_load "gct_heap_load" (const uint64_t *p) nogil
+    # A header, slot or root word, as a mutator (or heap_alloc) writes it.
+    void heap_publish "gct_heap_publish" (uint64_t *p, uint64_t v) nogil
+
+
 ctypedef struct Safepoint:
-    # The stop-the-world handshake between a collector and native mutators.
+    # The stop-the-world handshake between stoppers (a collector, a user's
+    # NativeMutators.pause()) and native mutator threads. Stops nest: the
+    # world runs again when the last stop is withdrawn.
     pthread_mutex_t lock
-    pthread_cond_t parked_changed   # a mutator parked or left: the collector re-checks
-    pthread_cond_t resumed          # the collector released the world
-    int stop_requested              # read by mutators' polls without the lock (atomic)
+    pthread_cond_t parked_changed   # a mutator parked or left: stoppers re-check (CLOCK_MONOTONIC)
+    pthread_cond_t resumed          # the last stop was withdrawn, or mutators were told to quit
+    int stop_requests               # stops in force; mutators' polls read it without the lock (atomic)
     int mutators                    # registered mutator threads
     int parked                      # of those, how many wait at a safepoint
 
@@ -44,11 +65,17 @@ ctypedef struct HeapCore:
 cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil
 cdef bint heap_is_object(const HeapCore *h, uintptr_t addr) noexcept nogil
 cdef void heap_store(HeapCore *h, uintptr_t obj, size_t slot, uintptr_t target) noexcept nogil
-cdef void safepoint_poll(Safepoint *sp) noexcept nogil
-cdef void safepoint_stop_world(Safepoint *sp) noexcept nogil
-cdef void safepoint_resume_world(Safepoint *sp) noexcept nogil
-cdef void safepoint_enter(Safepoint *sp) noexcept nogil
+
+# Mutator threads: enter once, poll between operations, leave at the end.
+# A mutator parks while a stop is in force and *running is non-zero.
+cdef void safepoint_enter(Safepoint *sp, int *joined, const int *running) noexcept nogil
+cdef void safepoint_poll(Safepoint *sp, const int *running) noexcept nogil
 cdef void safepoint_leave(Safepoint *sp) noexcept nogil
+# Stoppers (Heap.stop_world() is the interruptible way to stop from Python).
+cdef void safepoint_request_stop(Safepoint *sp) noexcept nogil
+cdef bint safepoint_wait_parked(Safepoint *sp, long long timeout_ns) noexcept nogil
+cdef void safepoint_resume_world(Safepoint *sp) noexcept nogil
+cdef void safepoint_wake_parked(Safepoint *sp) noexcept nogil
 
 
 cdef class Heap:
@@ -59,7 +86,14 @@ cdef class Heap:
     cdef object marks_array, free_array, roots_array    # own the side memory
     cdef readonly object reserved_roots                  # bool per root slot: add_root skips it
     cdef bint ready
+    cdef bint closed_by_user                             # close() was called
+    cdef long owner_pid                                  # the process whose threads use the safepoint
     cdef public bint collecting                          # a Collector cycle is running
 
+    cdef int check_open(self) except -1
     cdef uintptr_t checked_object(self, object obj, str what) except 0
     cdef size_t checked_slot(self, object slot) except? 0
+    cdef Py_ssize_t reserve_root_run(self, size_t count) except -1
+    cdef void release_root_run(self, size_t first, size_t count) noexcept
+    cdef int stop_world(self) except -1
+    cdef void resume_world(self) noexcept

@@ -4,8 +4,11 @@ import operator
 
 import numpy
 
+from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.string cimport memset
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from posix.unistd cimport getpid
 
 from gctrack.arena cimport Arena
 from gctrack.cards cimport CardTable
@@ -14,7 +17,9 @@ from gctrack.software cimport software_core_of, software_write_barrier
 from gctrack.tracker cimport Tracker
 from gctrack.threads cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
                               pthread_mutex_unlock, pthread_cond_init, pthread_cond_destroy,
-                              pthread_cond_broadcast, pthread_cond_wait)
+                              pthread_cond_broadcast, pthread_cond_wait, pthread_cond_timedwait,
+                              pthread_condattr_t, pthread_condattr_init,
+                              pthread_condattr_setclock, pthread_condattr_destroy)
 
 from gctrack.errors import HeapFullError
 
@@ -24,16 +29,19 @@ cdef enum:
 #: The header word of an allocated object (a free object's header is 0).
 HEADER_LIVE = LIVE
 
+# How long a stopper waits without the GIL before it checks for signals.
+cdef long long STOP_WAIT_SLICE_NS = 50 * 1000 * 1000
+
 
 cdef extern from *:
     """
     static inline int gct_load_int(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void gct_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-    static inline void gct_store_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+    static inline void gct_increment_int(int *p) { __atomic_add_fetch(p, 1, __ATOMIC_RELEASE); }
     """
     int gct_load_int(const int *p) nogil
     void gct_store_int(int *p, int v) nogil
-    void gct_store_u64(uint64_t *p, uint64_t v) nogil
+    void gct_increment_int(int *p) nogil
 
 
 # ---- allocation and stores ----------------------------------------------------
@@ -52,7 +60,7 @@ cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil:
         gct_bits_set(h.marks, index)
     obj = <uint64_t *>(h.base + (index << h.object_shift))
     memset(obj + 1, 0, h.slots * sizeof(uint64_t))
-    gct_store_u64(obj, LIVE)
+    heap_publish(obj, LIVE)               # after the zeroed slots (see heap.pxd)
     pthread_mutex_unlock(&h.alloc_lock)
     return <uintptr_t>obj
 
@@ -63,25 +71,39 @@ cdef bint heap_is_object(const HeapCore *h, uintptr_t addr) noexcept nogil:
         return False
     if (addr - h.base) & (h.object_size - 1):
         return False
-    return (<uint64_t *>addr)[0] != 0
+    return heap_load(<uint64_t *>addr) != 0
 
 
 cdef void heap_store(HeapCore *h, uintptr_t obj, size_t slot, uintptr_t target) noexcept nogil:
     """The mutator's reference store, with the card-marking barrier when software."""
     cdef uint64_t *field = <uint64_t *>obj + 1 + slot
-    gct_store_u64(field, target)
+    heap_publish(field, target)
     if h.barrier != NULL:
         software_write_barrier(h.barrier, <uintptr_t>field)
 
 
 # ---- the safepoint handshake -----------------------------------------------------
 
-cdef void safepoint_enter(Safepoint *sp) noexcept nogil:
-    """A mutator thread joins (it then polls)."""
-    pthread_mutex_lock(&sp.lock)
-    while sp.stop_requested:          # never join a stopped world
+cdef void park_while_stopped(Safepoint *sp, const int *running) noexcept nogil:
+    """With sp.lock held: count as parked and wait while a stop is in force
+    (and the caller still runs). Returns with sp.lock held."""
+    if not sp.stop_requests or not gct_load_int(running):
+        return
+    sp.parked += 1
+    pthread_cond_broadcast(&sp.parked_changed)
+    while sp.stop_requests and gct_load_int(running):
         pthread_cond_wait(&sp.resumed, &sp.lock)
+    sp.parked -= 1
+
+
+cdef void safepoint_enter(Safepoint *sp, int *joined, const int *running) noexcept nogil:
+    """A mutator thread joins, then adds 1 to *joined. In a stopped world it
+    joins parked (a stopper never waits for it) and returns once the world
+    resumes or *running drops to 0."""
+    pthread_mutex_lock(&sp.lock)
     sp.mutators += 1
+    gct_increment_int(joined)
+    park_while_stopped(sp, running)
     pthread_mutex_unlock(&sp.lock)
 
 
@@ -92,31 +114,56 @@ cdef void safepoint_leave(Safepoint *sp) noexcept nogil:
     pthread_mutex_unlock(&sp.lock)
 
 
-cdef void safepoint_poll(Safepoint *sp) noexcept nogil:
-    """Called by mutators between operations: park while the world is stopped."""
-    if not gct_load_int(&sp.stop_requested):
+cdef void safepoint_poll(Safepoint *sp, const int *running) noexcept nogil:
+    """Called by mutators between operations: park while the world is stopped
+    (unless told to quit: check *running after it returns)."""
+    if not gct_load_int(&sp.stop_requests):
         return
     pthread_mutex_lock(&sp.lock)
-    sp.parked += 1
-    pthread_cond_broadcast(&sp.parked_changed)
-    while sp.stop_requested:
-        pthread_cond_wait(&sp.resumed, &sp.lock)
-    sp.parked -= 1
+    park_while_stopped(sp, running)
     pthread_mutex_unlock(&sp.lock)
 
 
-cdef void safepoint_stop_world(Safepoint *sp) noexcept nogil:
-    """Return once every registered mutator is parked at a safepoint."""
+cdef void safepoint_request_stop(Safepoint *sp) noexcept nogil:
+    """Add a stop: mutators park at their next poll (see safepoint_wait_parked)."""
     pthread_mutex_lock(&sp.lock)
-    gct_store_int(&sp.stop_requested, 1)
-    while sp.parked < sp.mutators:
-        pthread_cond_wait(&sp.parked_changed, &sp.lock)
+    gct_store_int(&sp.stop_requests, sp.stop_requests + 1)
     pthread_mutex_unlock(&sp.lock)
+
+
+cdef void deadline_in(timespec *deadline, long long ns) noexcept nogil:
+    clock_gettime(CLOCK_MONOTONIC, deadline)
+    ns += deadline.tv_nsec
+    deadline.tv_sec += ns // 1000000000
+    deadline.tv_nsec = ns % 1000000000
+
+
+cdef bint safepoint_wait_parked(Safepoint *sp, long long timeout_ns) noexcept nogil:
+    """Wait up to timeout_ns for every registered mutator to park; whether they did."""
+    cdef timespec deadline
+    cdef bint all_parked
+    deadline_in(&deadline, timeout_ns)
+    pthread_mutex_lock(&sp.lock)
+    while sp.parked < sp.mutators:
+        if pthread_cond_timedwait(&sp.parked_changed, &sp.lock, &deadline) != 0:
+            break                     # ETIMEDOUT
+    all_parked = sp.parked >= sp.mutators
+    pthread_mutex_unlock(&sp.lock)
+    return all_parked
 
 
 cdef void safepoint_resume_world(Safepoint *sp) noexcept nogil:
+    """Withdraw one stop; the mutators run again when none is left."""
     pthread_mutex_lock(&sp.lock)
-    gct_store_int(&sp.stop_requested, 0)
+    gct_store_int(&sp.stop_requests, sp.stop_requests - 1)
+    if sp.stop_requests == 0:
+        pthread_cond_broadcast(&sp.resumed)
+    pthread_mutex_unlock(&sp.lock)
+
+
+cdef void safepoint_wake_parked(Safepoint *sp) noexcept nogil:
+    """Let parked mutators re-check their *running flag (after it was cleared)."""
+    pthread_mutex_lock(&sp.lock)
     pthread_cond_broadcast(&sp.resumed)
     pthread_mutex_unlock(&sp.lock)
 
@@ -127,7 +174,8 @@ cdef class Heap:
     """Fixed-size objects in a tracked Arena; see heap.pxd for the layout.
 
     Hold the objects you use through roots: like any collector, this one
-    frees whatever the roots cannot reach.
+    frees whatever the roots cannot reach. After ``close()`` (or once its
+    tracker or arena is closed) every method raises ValueError.
     """
 
     def __cinit__(self, size, *, object_size=64, backend="auto", card_size=512, max_roots=1024):
@@ -147,6 +195,7 @@ cdef class Heap:
             raise ValueError(f"{self.tracker.backend} passes are not atomic: precleaning beside "
                              "running mutators would lose stores")
         self.tracker.reserve_for(&self.core)   # its passes are the collector's alone
+        self.owner_pid = getpid()
         cdef HeapCore *h = &self.core
         h.base = <uintptr_t>self.arena.base
         h.object_size = object_size
@@ -164,9 +213,13 @@ cdef class Heap:
         h.roots = &roots[0]
         h.max_roots = max_roots
         h.barrier = software_core_of(self.tracker.core.backend)
+        cdef pthread_condattr_t monotonic
         pthread_mutex_init(&h.alloc_lock, NULL)
         pthread_mutex_init(&h.safepoint.lock, NULL)
-        pthread_cond_init(&h.safepoint.parked_changed, NULL)
+        pthread_condattr_init(&monotonic)
+        pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC)
+        pthread_cond_init(&h.safepoint.parked_changed, &monotonic)     # timed waits
+        pthread_condattr_destroy(&monotonic)
         pthread_cond_init(&h.safepoint.resumed, NULL)
         self.ready = True
 
@@ -177,7 +230,18 @@ cdef class Heap:
             pthread_cond_destroy(&self.core.safepoint.parked_changed)
             pthread_cond_destroy(&self.core.safepoint.resumed)
 
+    @property
+    def closed(self):
+        """close() was called, or the heap's tracker or arena was closed."""
+        return self.closed_by_user or self.tracker.closed or self.arena.closed
+
+    cdef int check_open(self) except -1:
+        if self.closed:
+            raise ValueError("heap is closed")
+        return 0
+
     cdef uintptr_t checked_object(self, object obj, str what) except 0:
+        self.check_open()
         obj = operator.index(obj)
         if obj <= 0 or not heap_is_object(&self.core, obj):
             raise ValueError(f"{what} {obj:#x} is not an allocated object of this heap")
@@ -188,6 +252,50 @@ cdef class Heap:
         if not 0 <= slot < <long>self.core.slots:
             raise ValueError(f"slot {slot} is not in 0..{self.core.slots - 1}")
         return slot
+
+    cdef Py_ssize_t reserve_root_run(self, size_t count) except -1:
+        """Reserve ``count`` consecutive empty root slots for native mutators
+        (add_root() skips them); returns the first."""
+        self.check_open()
+        unused = (self.roots_array == 0) & ~self.reserved_roots
+        if count > <size_t>unused.size:
+            raise ValueError(f"the heap has only {unused.size} root slots, {count} wanted")
+        runs = numpy.flatnonzero(
+            numpy.lib.stride_tricks.sliding_window_view(unused, count).all(axis=1))
+        if runs.size == 0:
+            raise ValueError(f"the heap has no {count} consecutive free root slots")
+        first = int(runs[0])
+        self.reserved_roots[first:first + count] = True
+        return first
+
+    cdef void release_root_run(self, size_t first, size_t count) noexcept:
+        """Empty and unreserve root slots that reserve_root_run() gave out;
+        their mutators must be gone."""
+        self.roots_array[first:first + count] = 0
+        self.reserved_roots[first:first + count] = False
+
+    cdef int stop_world(self) except -1:
+        """Return once every native mutator is parked. Stops nest: the world
+        runs again after the last resume_world(). The wait drops the GIL in
+        short slices and checks for signals between them; an exception
+        (Ctrl-C) withdraws this stop and propagates."""
+        cdef Safepoint *sp = &self.core.safepoint
+        cdef bint stopped = False
+        safepoint_request_stop(sp)
+        try:
+            while not stopped:
+                with nogil:
+                    stopped = safepoint_wait_parked(sp, STOP_WAIT_SLICE_NS)
+                if not stopped:
+                    PyErr_CheckSignals()
+        except BaseException:
+            safepoint_resume_world(sp)
+            raise
+        return 0
+
+    cdef void resume_world(self) noexcept:
+        """Withdraw one stop_world()."""
+        safepoint_resume_world(&self.core.safepoint)
 
     @property
     def object_size(self):
@@ -219,6 +327,11 @@ cdef class Heap:
         """Allocated objects (reachable or not yet swept)."""
         return self.core.num_objects - self.core.free_count
 
+    @property
+    def mutator_threads(self):
+        """Native mutator threads registered at the heap's safepoint."""
+        return gct_load_int(&self.core.safepoint.mutators)
+
     def alloc(self, *, root=False):
         """A new object's address; HeapFullError when no object is free.
 
@@ -227,7 +340,7 @@ cdef class Heap:
         ``root=True`` the object is rooted before any cycle can see it (the
         GIL is held throughout, and the collector's remark needs it).
         """
-        self.tracker.arena.check_open()
+        self.check_open()
         slot = self.free_root_slot() if root else -1
         cdef uintptr_t obj = heap_alloc(&self.core)     # quick: keeps the GIL on purpose
         if obj == 0:
@@ -238,6 +351,7 @@ cdef class Heap:
 
     def free_root_slot(self):
         """The first root slot that is empty and not reserved by mutators."""
+        self.check_open()
         free = numpy.flatnonzero((self.roots_array == 0) & ~self.reserved_roots)
         if free.size == 0:
             raise ValueError(f"all {self.core.max_roots} root slots are in use")
@@ -254,7 +368,7 @@ cdef class Heap:
     def get_ref(self, obj, slot):
         cdef uintptr_t o = self.checked_object(obj, "obj")
         cdef size_t index = self.checked_slot(slot)
-        return (<uint64_t *>o)[1 + index]
+        return heap_load(<uint64_t *>o + 1 + index)
 
     def add_root(self, obj):
         """Make ``obj`` a root; returns its root slot."""
@@ -265,23 +379,28 @@ cdef class Heap:
 
     def remove_root(self, obj):
         """Stop rooting ``obj`` (one slot of it)."""
-        where = numpy.flatnonzero(self.roots_array == operator.index(obj))
+        self.check_open()
+        obj = operator.index(obj)
+        where = numpy.flatnonzero(self.roots_array == obj)
         if where.size == 0 or obj == 0:
             raise ValueError(f"{obj:#x} is not a root")
         self.roots_array[where[0]] = 0
 
     def roots(self):
         """The rooted object addresses."""
+        self.check_open()
         return [int(r) for r in self.roots_array if r]
 
     @property
     def root_slots(self):
         """The live uint64 array of root slots (0 = empty)."""
+        self.check_open()
         return self.roots_array
 
     def view(self):
         """The heap as a live (num_objects, object_size / 8) uint64 array:
         column 0 is the header, the others are reference slots."""
+        self.check_open()
         return self.arena.view(numpy.uint64).reshape(self.core.num_objects, self.core.object_size // 8)
 
     def allocated(self):
@@ -289,19 +408,27 @@ cdef class Heap:
         return numpy.flatnonzero(self.view()[:, 0])
 
     def close(self):
-        """Disarm and unmap. Refused while native mutators or a cycle use the heap."""
-        if self.core.safepoint.mutators or self.collecting:
+        """Disarm and unmap; idempotent. Refused while native mutators or a
+        cycle use the heap. (In a forked child the parent's mutator threads
+        do not exist, and do not count.)"""
+        if self.closed_by_user:
+            return
+        if self.collecting or self.reserved_roots.any() or (
+                getpid() == self.owner_pid and gct_load_int(&self.core.safepoint.mutators)):
             raise RuntimeError("native mutators or a collection still use this heap: stop them first")
-        self.tracker.release_reservation()
+        self.closed_by_user = True
+        self.tracker.release_reservation()     # the heap lets go of its tracker
         self.tracker.close()
         self.arena.close()
 
     def __enter__(self):
+        self.check_open()
         return self
 
     def __exit__(self, *exc_info):
         self.close()
 
     def __repr__(self):
+        state = "closed" if self.closed else f"{self.live_count} live"
         return (f"<gctrack.Heap {self.core.num_objects} objects of {self.core.object_size} B, "
-                f"{self.live_count} live, backend {self.tracker.backend}>")
+                f"{state}, backend {self.tracker.backend}>")

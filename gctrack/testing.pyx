@@ -6,8 +6,10 @@ race genuine concurrent writes against tracking passes.
 """
 import numpy
 
+cimport cython
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
+from posix.unistd cimport getpid
 
 from gctrack.arena cimport Arena
 from gctrack.software cimport SoftwareBackend, SoftwareCore, software_write_barrier
@@ -62,33 +64,42 @@ def store_bytes(Arena arena not None, offsets, Tracker tracker=None):
 
     With a software-backend ``tracker`` each store is followed by the inline
     card-marking barrier, as compiled code would do it. For timing first
-    writes: no Python runs between two stores.
+    writes: no Python runs between two stores. A closed arena or tracker
+    raises ValueError.
     """
     cdef const uint64_t[::1] offs = numpy.ascontiguousarray(offsets, dtype=numpy.uint64)
     if offs.shape[0] and int(numpy.asarray(offs).max()) >= arena.size:
         raise ValueError(f"an offset is outside the arena of {arena.size} bytes")
     arena.check_open()
     cdef SoftwareCore *barrier = NULL
-    if tracker is not None and isinstance(tracker.backend_object, SoftwareBackend):
+    if tracker is not None:
+        tracker.check_usable()           # a closed tracker's barrier state is freed
         if tracker.arena is not arena:
             raise ValueError("the tracker watches a different arena")
-        barrier = &(<SoftwareBackend>tracker.backend_object).c
+        if isinstance(tracker.backend_object, SoftwareBackend):
+            barrier = &(<SoftwareBackend>tracker.backend_object).c
     cdef volatile char *base = arena.base
     cdef size_t i
-    with nogil:
-        for i in range(<size_t>offs.shape[0]):
-            base[offs[i]] = <char>(i | 1)
-            if barrier != NULL:
-                software_write_barrier(barrier, <uintptr_t>arena.base + offs[i])
+    arena.pin()                          # stays mapped even if closed meanwhile
+    try:
+        with nogil:
+            for i in range(<size_t>offs.shape[0]):
+                base[offs[i]] = <char>(i | 1)
+                if barrier != NULL:
+                    software_write_barrier(barrier, <uintptr_t>base + offs[i])
+    finally:
+        arena.unpin()
 
 
+@cython.no_gc_clear       # the threads use the arena (pinned) until __dealloc__ has joined them
 cdef class NativeWriters:
     """One pthread per offsets array; thread k stores one byte at each of
     ``offsets[k]`` (byte offsets into the arena), in order, without the GIL.
 
     ``spin`` pause instructions between stores slow a writer down so that
     its writes interleave with passes. Use as a context manager or call
-    ``start()`` then ``join()``.
+    ``start()`` then ``join()``. In a forked child the writers are the
+    parent's threads: join() and dropping the object forget them.
     """
     cdef Arena arena
     cdef list offsets
@@ -98,8 +109,10 @@ cdef class NativeWriters:
     cdef size_t started
     cdef int go
     cdef int finished_count
+    cdef long owner_pid
 
     def __cinit__(self, Arena arena not None, offsets, unsigned spin=0):
+        self.owner_pid = getpid()
         self.offsets = [numpy.ascontiguousarray(o, dtype=numpy.uint64) for o in offsets]
         for o in self.offsets:
             if o.ndim != 1:
@@ -127,12 +140,14 @@ cdef class NativeWriters:
         """Start every writer; they begin storing together."""
         if self.started:
             raise RuntimeError("writers already started")
+        self.arena.check_open()
+        if getpid() != self.owner_pid:
+            raise RuntimeError(f"these writers belong to process {self.owner_pid}")
         cdef size_t k
         cdef int rc
         for k in range(self.num_threads):
             rc = pthread_create(&self.threads[k], NULL, writer_main, &self.jobs[k])
             if rc:
-                gct_store_release(&self.go, 1)
                 self.join()
                 raise TrackerError(rc, "pthread_create")
             self.started += 1
@@ -144,13 +159,19 @@ cdef class NativeWriters:
         return gct_load_acquire(&self.finished_count) == <int>self.num_threads
 
     def join(self):
-        """Wait for every started writer to finish."""
+        """Wait for every started writer to finish (in a forked child: forget them)."""
+        self.join_threads()
+
+    cdef void join_threads(self) noexcept:
         cdef size_t k
         cdef size_t n = self.started
+        self.started = 0
+        if getpid() != self.owner_pid:
+            return                    # the parent's threads do not exist here
+        gct_store_release(&self.go, 1)
         with nogil:
             for k in range(n):
                 pthread_join(self.threads[k], NULL)
-        self.started = 0
 
     def __enter__(self):
         return self.start()
@@ -159,12 +180,7 @@ cdef class NativeWriters:
         self.join()
 
     def __dealloc__(self):
-        cdef size_t k
-        if self.started:
-            gct_store_release(&self.go, 1)
-            with nogil:
-                for k in range(self.started):
-                    pthread_join(self.threads[k], NULL)
+        self.join_threads()
         free(self.jobs)
         free(self.threads)
         if self.arena is not None:
