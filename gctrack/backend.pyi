@@ -5,6 +5,7 @@ class Backend:
 
     name: str
     arena: Arena | None
+    claimed: bool
     @property
     def atomic_passes(self) -> bool: ...
     def close(self) -> None: ...

@@ -168,6 +168,9 @@ cdef class Collector:
     cdef CardTable cards
     cdef GrayStack stack
 
+    def __repr__(self):
+        return f"<gctrack.Collector of {self.heap!r}, {self.cards.card_size} B cards>"
+
     def __cinit__(self, Heap heap not None):
         heap.check_open()
         self.heap = heap

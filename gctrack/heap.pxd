@@ -5,7 +5,8 @@ Layout (documented for tools that read the heap with numpy): object i lives
 at base + i * object_size; word 0 is its header (0 = free, HEADER_LIVE =
 allocated); words 1 .. object_size / 8 - 1 are reference slots holding the
 address of an object, or 0. Mark bits, the free list and the roots live
-outside the arena, so the collector's own writes are never tracked.
+outside the arena, so marking never writes to it; the sweep does (it clears
+the headers of the objects it frees), and those pages come back dirty.
 
 Memory ordering: the marker reads objects while mutators allocate and store.
 heap_alloc zeroes an object's slots and then stores its header with RELEASE;

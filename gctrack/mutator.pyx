@@ -309,6 +309,12 @@ cdef class NativeMutators:
         if not self.forked():
             self.heap.resume_world()
 
+    def __repr__(self):
+        state = ("paused" if self.paused else "running") if self.live_threads else "stopped"
+        interval = self.states[0].interval if self.count else 0.0
+        rate = f"{1 / interval:,.0f} operations/s each" if interval else "unthrottled"
+        return f"<gctrack.NativeMutators {self.count} threads, {rate}, {state}>"
+
     def stats(self):
         """Totals: stores, allocations, root_changes, violations."""
         cdef size_t k

@@ -80,8 +80,9 @@ def probe_userfaultfd() -> tuple[Support, Support]:
     try:
         offered = _kernel.uffd_features()
     except TrackerError as exc:
-        reason = f"{exc.operation}: {USERFAULTFD_DENIALS.get(exc.errno, os.strerror(exc.errno))}"
-        return Support(False, reason, exc.errno), Support(False, "needs userfaultfd", exc.errno)
+        err = exc.errno or 0
+        reason = f"{exc.operation}: {USERFAULTFD_DENIALS.get(err, os.strerror(err))}"
+        return Support(False, reason, err), Support(False, "needs userfaultfd", err)
     uffd = Support(True, f"UFFDIO_API offers features {offered:#x}")
     wanted = _kernel.FEATURE_WP_ASYNC | _kernel.FEATURE_WP_UNPOPULATED
     if offered & wanted != wanted:

@@ -42,7 +42,7 @@ class CycleStats:
     concurrent: bool
     live: int                        #: allocated objects after the sweep
     freed: int
-    initial_mark_pause: float        #: mutators stopped: re-arm and mark the roots
+    initial_mark_pause: float        #: mutators stopped: mark the roots (re-arming runs before, concurrently)
     concurrent_mark_seconds: float
     preclean: tuple[PrecleanPass, ...]
     remark_pause: float              #: mutators stopped (the whole mark, stop-the-world)

@@ -78,6 +78,10 @@ class WriteWatch:
     def close(self) -> None:
         self._tracker.close()
 
+    def __repr__(self) -> str:
+        state = "closed" if self._tracker.closed else "watching"
+        return f"<gctrack.WriteWatch {self._tracker.backend} over {self._tracker.arena!r}, {state}>"
+
     def __enter__(self) -> WriteWatch:
         return self
 

@@ -11,7 +11,27 @@ import gctrack
 RACE_RESULTS: list[tuple[str, int, int, int]] = []
 
 
+def skip_reason(report) -> str:
+    """The reason a skipped test gave (pytest stores (path, line, reason))."""
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def summarise_skips(terminalreporter) -> None:
+    """One line per distinct skip reason, with its count, instead of one per test."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = skip_reason(report)
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        terminalreporter.write_sep("-", f"{sum(reasons.values())} skipped, by reason")
+        for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+            terminalreporter.write_line(f"{count:>5}  {reason}")
+
+
 def pytest_terminal_summary(terminalreporter):
+    summarise_skips(terminalreporter)
     if not RACE_RESULTS:
         return
     terminalreporter.write_sep("-", "no-lost-writes races: false positives")
