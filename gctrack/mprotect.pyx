@@ -21,7 +21,7 @@ from gctrack.errors import TrackerError
 
 cdef extern from "gctrack/mprotect_handler.h" nogil:
     int gct_mp_register(uintptr_t start, size_t size, uint64_t *words, unsigned page_shift)
-    void gct_mp_unregister(int slot)
+    int gct_mp_unregister(int slot)
     void gct_mp_begin_pass(int slot)
     void gct_mp_end_pass(int slot)
     uint64_t gct_mp_faults()
@@ -115,7 +115,8 @@ cdef class MprotectBackend(Backend):
         if self.c.slot >= 0:
             mprotect(<void *>self.c.base.start, self.c.base.end - self.c.base.start,
                      PROT_READ | PROT_WRITE)
-            gct_mp_unregister(self.c.slot)
+            if not gct_mp_unregister(self.c.slot):
+                self.c.dirty.words = NULL   # a forked child: a parent's thread may have been using it
             self.c.slot = -1
         dirtymap_free(&self.c.dirty)
         self.detach()

@@ -1,0 +1,139 @@
+"""The mprotect backend's SIGSEGV handler over the life of a process: closing
+under native writers, fork.
+
+Everything that could crash or hang runs in a subprocess with a timeout.
+"""
+import subprocess
+import sys
+import textwrap
+
+import numpy
+import pytest
+
+import gctrack
+from conftest import require
+
+
+def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (without faulthandler unless it enables it)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def mprotect_works():
+    require("mprotect")
+
+
+# ---- closing while native threads write ---------------------------------------------------
+
+CLOSE_UNDER_WRITERS = """
+    import sys, time
+    import numpy, gctrack
+    from gctrack.testing import NativeWriters
+
+    cycles, how = int(sys.argv[1]), sys.argv[2]
+    rng = numpy.random.default_rng(1)
+    pages = 512
+    overlapped = 0
+    for cycle in range(cycles):
+        arena = gctrack.Arena(pages * 4096)
+        arena.prefault()
+        tracker = gctrack.Tracker(arena, backend="mprotect")
+        offsets = [rng.permutation(pages).astype(numpy.uint64) * 4096 + k for k in range(4)]
+        writers = NativeWriters(arena, offsets, spin=20).start()
+        time.sleep(0.0002)
+        if how == "close":
+            tracker.close()
+        else:
+            del tracker
+        overlapped += not writers.finished()
+        writers.join()
+        arena.close()
+    print(f"{overlapped} of {cycles} closes overlapped the writers")
+"""
+
+
+@pytest.mark.parametrize("how", ["close", "del"])
+def test_closing_while_native_threads_write_never_crashes(how):
+    """A fault raised before close() and delivered after it is retried, and
+    the handler is never removed (the old code restored SIG_DFL with the last
+    arena and crashed within 20 cycles)."""
+    run = run_python(CLOSE_UNDER_WRITERS, "300", how, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    overlapped = int(run.stdout.split()[0])
+    assert overlapped > 100, f"the race was not exercised: {run.stdout}"
+
+
+REAL_FAULT_IN_RETIRED_RANGE = """
+    import ctypes, faulthandler, sys, time
+    import numpy, gctrack
+    if sys.argv[1] == "faulthandler":
+        faulthandler.enable()
+    arena = gctrack.Arena(4 * 4096)
+    tracker = gctrack.Tracker(arena, backend="mprotect")
+    tracker.close()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(arena.address, arena.size, 1) == 0      # PROT_READ, by someone else
+    print("writing", flush=True)
+    ctypes.memset(arena.address + 4096, 1, 1)                       # a real fault
+    print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "faulthandler"])
+def test_a_real_fault_in_a_retired_range_is_passed_on_not_retried_forever(mode):
+    run = run_python(REAL_FAULT_IN_RETIRED_RANGE, mode, timeout=60)
+    assert "writing" in run.stdout and "survived" not in run.stdout
+    assert run.returncode == -11, run.stderr[-2000:]
+    if mode == "faulthandler":
+        assert "Fatal Python error: Segmentation fault" in run.stderr
+
+
+# ---- fork ---------------------------------------------------------------------------------
+
+FORK_DURING_PASSES = """
+    import os, time
+    import numpy, gctrack
+
+    arena = gctrack.Arena(256 * 4096)
+    tracker = gctrack.Tracker(arena, backend="mprotect")
+    tracker.start(interval=1e-6)                 # passes back to back
+    view = numpy.asarray(arena)
+    for attempt in range(30):
+        view[::4096] += 1                        # keep the passes busy
+        pid = os.fork()
+        if pid == 0:
+            # The child: a pass may have been running at fork(); its writes
+            # must not wait for it, and it can close and arm trackers itself.
+            view[::4096] += 1
+            tracker.close()
+            with gctrack.Arena(8 * 4096) as mine, \\
+                    gctrack.Tracker(mine, backend="mprotect") as own:
+                numpy.asarray(mine)[3 * 4096] = 1
+                assert [int(r["start"]) - mine.address for r in own.scan()] == [3 * 4096]
+            os._exit(0)
+        for _ in range(3000):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.01)
+        else:
+            os.kill(pid, 9)
+            raise SystemExit(f"child {attempt} hung")
+        assert status == 0, f"child {attempt} exited with {status}"
+    cards = gctrack.CardTable.for_arena(arena, 4096)
+    tracker.drain(cards)
+    view[5 * 4096] += 1
+    cards.clear()
+    tracker.drain(cards)
+    assert cards.indices().tolist() == [5], cards.indices()
+    tracker.close()
+    print("ok")
+"""
+
+
+def test_forked_children_never_wait_on_the_parents_passes():
+    run = run_python(FORK_DURING_PASSES, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
