@@ -6,9 +6,15 @@ handler (mprotect_handler.c, async-signal-safe) records the page and makes
 it writable. A pass takes the recorded pages, makes them read-only again and
 reports them; handlers of the arena wait while it does. The kernel cannot write into a read-only page: read() into an
 armed page fails with EFAULT unless Tracker.record() dirtied it first.
+
+The handler stays installed for the life of the process once an arena is
+armed (see mprotect_handler.h). Every pass and re-arm first checks that it is
+still the installed SIGSEGV handler; if something replaced it, the arena is
+made writable and all dirty, and the pass fails naming the replacement.
 """
-from libc.errno cimport errno, ENOSPC
+from libc.errno cimport errno, EBUSY, ENOSPC
 from libc.stdint cimport uint64_t, uintptr_t
+from libc.string cimport strncat, strlen
 from posix.mman cimport mprotect, PROT_READ, PROT_WRITE
 
 from gctrack.arena cimport Arena
@@ -16,7 +22,7 @@ from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink
 from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_clear,
                                dirtymap_pass, dirtymap_record_range)
 
-from gctrack.errors import TrackerError
+from gctrack.errors import TrackerError, UnsupportedError
 
 
 cdef extern from "gctrack/mprotect_handler.h" nogil:
@@ -24,25 +30,48 @@ cdef extern from "gctrack/mprotect_handler.h" nogil:
     int gct_mp_unregister(int slot)
     void gct_mp_begin_pass(int slot)
     void gct_mp_end_pass(int slot)
+    int gct_mp_handler_is_current()
+    int gct_mp_describe_handler(char *buf, size_t len)
+    int gct_mp_open_slot(int slot)
     uint64_t gct_mp_faults()
+    enum: GCT_MP_MAX_ARENAS
 
 
 ctypedef struct MprotectCore:
     BackendCore base            # first, so a BackendCore* is an MprotectCore*
     DirtyMap dirty
     int slot
+    char handler_problem[256]   # failed_operation when the handler was replaced
 
 
 cdef int protect_range(void *ctx, uintptr_t start, uintptr_t end) noexcept nogil:
     return 0 if mprotect(<void *>start, end - start, PROT_READ) == 0 else -errno
 
 
+cdef int check_handler(MprotectCore *core) noexcept nogil:
+    """0 while gctrack's SIGSEGV handler is installed. If something replaced
+    it, writes to the arena would crash or go unseen: mark the arena all dirty,
+    make it writable, and fail with -EBUSY naming the replacement. Called
+    between gct_mp_begin_pass and gct_mp_end_pass."""
+    if gct_mp_handler_is_current():
+        return 0
+    cdef size_t size = sizeof(core.handler_problem)
+    gct_mp_describe_handler(core.handler_problem, size)
+    strncat(core.handler_problem, "; the arena is now writable and all dirty",
+            size - 1 - strlen(core.handler_problem))
+    core.base.failed_operation = core.handler_problem
+    gct_mp_open_slot(core.slot)
+    return -EBUSY
+
+
 cdef int mprotect_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset,
                        uint64_t max_pages, RegionSink *sink, PassCounts *counts) noexcept nogil:
     cdef MprotectCore *core = <MprotectCore *>base
     gct_mp_begin_pass(core.slot)
-    cdef int rc = dirtymap_pass(&core.dirty, start, end, reset, max_pages, sink, counts,
-                                &base.failed_operation)
+    cdef int rc = check_handler(core)
+    if rc == 0:
+        rc = dirtymap_pass(&core.dirty, start, end, reset, max_pages, sink, counts,
+                           &base.failed_operation)
     gct_mp_end_pass(core.slot)
     return rc
 
@@ -68,11 +97,13 @@ cdef int record_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcep
 cdef int rearm_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
     cdef MprotectCore *core = <MprotectCore *>base
     gct_mp_begin_pass(core.slot)
-    dirtymap_clear(&core.dirty, start, end)
-    cdef int rc = protect_range(NULL, start, end)
+    cdef int rc = check_handler(core)
+    if rc == 0:
+        dirtymap_clear(&core.dirty, start, end)
+        rc = protect_range(NULL, start, end)
+        if rc:
+            base.failed_operation = "mprotect"
     gct_mp_end_pass(core.slot)
-    if rc:
-        base.failed_operation = "mprotect"
     return rc
 
 
@@ -98,18 +129,30 @@ cdef class MprotectBackend(Backend):
         try:
             if dirtymap_init(&self.c.dirty, self.c.base.start, arena.size, shift, shift):
                 raise MemoryError()
-            self.c.slot = gct_mp_register(self.c.base.start, arena.size, self.c.dirty.words, shift)
-            if self.c.slot < 0:
-                raise TrackerError(-self.c.slot, "installing the SIGSEGV handler",
-                                   "at most 64 arenas" if self.c.slot == -ENOSPC else "")
+            self.register_arena(shift)
             with nogil:
                 rc = rearm_range(&self.c.base, self.c.base.start, self.c.base.end)
             if rc:
-                raise TrackerError(-rc, "mprotect")
+                raise TrackerError(-rc, self.c.base.failed_operation.decode())
         except BaseException:
             self.release()
             raise
         self.core = &self.c.base
+
+    cdef int register_arena(self, unsigned shift) except -1:
+        cdef char problem[256]
+        cdef int slot = gct_mp_register(self.c.base.start, self.c.base.end - self.c.base.start,
+                                        self.c.dirty.words, shift)
+        if slot == -ENOSPC:
+            raise TrackerError(ENOSPC, "registering the arena with the SIGSEGV handler",
+                               f"at most {GCT_MP_MAX_ARENAS} arenas")
+        if slot == -EBUSY:
+            gct_mp_describe_handler(problem, sizeof(problem))
+            raise UnsupportedError("mprotect", problem.decode(), EBUSY)
+        if slot < 0:
+            raise TrackerError(-slot, "installing the SIGSEGV handler")
+        self.c.slot = slot
+        return 0
 
     cdef void release(self) noexcept:
         if self.c.slot >= 0:

@@ -1,9 +1,11 @@
 /* The SIGSEGV handler of the mprotect backend; see gctrack/mprotect_handler.h. */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -252,6 +254,70 @@ static int ensure_installed_locked(void)
     return install_locked(&current);
 }
 
+int gct_mp_handler_is_current(void)
+{
+    struct sigaction current;
+    return sigaction(SIGSEGV, NULL, &current) == 0 && is_ours(&current);
+}
+
+static void *handler_address(const struct sigaction *action)
+{
+    return (action->sa_flags & SA_SIGINFO) ? (void *)action->sa_sigaction
+                                           : (void *)action->sa_handler;
+}
+
+static int same_handler(int sig, const struct sigaction *action)
+{
+    struct sigaction other;
+    return sigaction(sig, NULL, &other) == 0 && handler_address(&other) == handler_address(action);
+}
+
+/* Who installed it, guessed from the other signals it handles: Python's
+ * signal.signal() uses one C trampoline for every signal, SIGINT included;
+ * faulthandler handles SIGBUS and SIGFPE with the same function too. */
+static const char *guess_owner(const struct sigaction *action)
+{
+    if (same_handler(SIGINT, action))
+        return "a Python-level handler (signal.signal(SIGSEGV, ...))";
+    if (same_handler(SIGBUS, action) && same_handler(SIGFPE, action))
+        return "a crash reporter that also handles SIGBUS and SIGFPE "
+               "(faulthandler.enable() after arming?)";
+    return "another handler";
+}
+
+int gct_mp_describe_handler(char *buf, size_t len)
+{
+    struct sigaction current;
+    Dl_info where;
+    if (sigaction(SIGSEGV, NULL, &current) != 0) {
+        snprintf(buf, len, "SIGSEGV handler unknown: sigaction failed (%s)", strerror(errno));
+        return -1;
+    }
+    if (is_ours(&current)) {
+        snprintf(buf, len, "SIGSEGV handler is gctrack's");
+        return 0;
+    }
+    if (is_default(&current)) {
+        snprintf(buf, len, "SIGSEGV handler replaced by %s (faulthandler.disable() or "
+                 "signal.signal(SIGSEGV, ...) after arming?)",
+                 current.sa_handler == SIG_IGN ? "SIG_IGN" : "SIG_DFL");
+        return -1;
+    }
+    void *address = handler_address(&current);
+    const char *library = "?", *symbol = NULL;
+    if (dladdr(address, &where) && where.dli_fname) {
+        library = strrchr(where.dli_fname, '/') ? strrchr(where.dli_fname, '/') + 1 : where.dli_fname;
+        symbol = where.dli_saddr == address ? where.dli_sname : NULL;
+    }
+    if (symbol)
+        snprintf(buf, len, "SIGSEGV handler replaced by %s: %s in %s",
+                 guess_owner(&current), symbol, library);
+    else
+        snprintf(buf, len, "SIGSEGV handler replaced by %s: %p in %s",
+                 guess_owner(&current), address, library);
+    return -1;
+}
+
 /* ---- arenas -------------------------------------------------------------- */
 
 static int claim_slot_locked(uintptr_t start, size_t size, uint64_t *words, unsigned page_shift)
@@ -346,6 +412,11 @@ void gct_mp_end_pass(int slot)
 {
     __atomic_store_n(&slots[slot].pass_active, 0, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&slots[slot].pass_lock);
+}
+
+int gct_mp_open_slot(int slot)
+{
+    return open_whole_arena(&slots[slot]);
 }
 
 uint64_t gct_mp_faults(void)

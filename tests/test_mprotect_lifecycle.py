@@ -1,5 +1,5 @@
 """The mprotect backend's SIGSEGV handler over the life of a process: closing
-under native writers, fork.
+under native writers, fork, other handlers installed over it.
 
 Everything that could crash or hang runs in a subprocess with a timeout.
 """
@@ -137,3 +137,124 @@ FORK_DURING_PASSES = """
 def test_forked_children_never_wait_on_the_parents_passes():
     run = run_python(FORK_DURING_PASSES, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+# ---- another SIGSEGV handler installed after arming ----------------------------------------
+
+REPLACED_HANDLER = """
+    import errno, faulthandler, signal, sys
+    import numpy, gctrack
+
+    how = sys.argv[1]
+    if how == "faulthandler.disable":
+        faulthandler.enable()                    # the documented order: first
+    arena = gctrack.Arena(16 * 4096)
+    tracker = gctrack.Tracker(arena, backend="mprotect")
+    cards = gctrack.CardTable.for_arena(arena, 4096)
+    view = numpy.asarray(arena)
+    view[1 * 4096] = 1
+    tracker.collect(cards)
+    assert cards.indices().tolist() == [1]
+
+    if how == "faulthandler.enable":
+        faulthandler.enable()
+    elif how == "faulthandler.disable":
+        faulthandler.disable()
+    else:
+        signal.signal(signal.SIGSEGV, lambda *args: None)
+
+    # A write now would crash or loop for ever; the next pass notices first.
+    cards.clear()
+    try:
+        tracker.collect(cards)
+    except gctrack.TrackerError as exc:
+        assert exc.errno == errno.EBUSY, exc
+        print(exc)
+    else:
+        raise SystemExit("the pass did not notice the replaced handler")
+    view[:] = 7                                  # every page is writable: no crash, no loop
+    print("wrote every page", flush=True)
+
+    # Once gctrack's handler is back, nothing was lost: every page is reported.
+    if how == "faulthandler.enable":
+        faulthandler.disable()                   # gives back gctrack's handler
+    else:
+        signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+        with gctrack.Arena(4096) as other, gctrack.Tracker(other, backend="mprotect"):
+            pass                                 # arming puts it back over SIG_DFL
+    tracker.collect(cards)
+    assert cards.count() == 16, cards.indices()
+    cards.clear()
+    view[9 * 4096] = 1
+    tracker.collect(cards)
+    assert cards.indices().tolist() == [9], cards.indices()
+    print("recovered")
+"""
+
+
+@pytest.mark.parametrize("how, named", [
+    ("faulthandler.enable", "also handles SIGBUS and SIGFPE"),
+    ("faulthandler.disable", "SIG_DFL"),
+    ("signal.signal", "signal.signal(SIGSEGV"),
+])
+def test_a_handler_installed_after_arming_fails_the_pass_and_loses_nothing(how, named):
+    run = run_python(REPLACED_HANDLER, how, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    first = run.stdout.splitlines()[0]
+    assert "SIGSEGV handler replaced by" in first and named in first, first
+    assert "writable and all dirty" in first
+    assert run.stdout.splitlines()[1:] == ["wrote every page", "recovered"]
+
+
+ARMING_UNDER_A_FOREIGN_HANDLER = """
+    import faulthandler
+    import gctrack
+    from gctrack.mprotect import MprotectBackend
+
+    with gctrack.Arena(4096) as a, gctrack.Tracker(a, backend="mprotect"):
+        pass
+    faulthandler.enable()                        # over gctrack's handler, chaining to it
+    with gctrack.Arena(4096) as b:
+        try:
+            MprotectBackend(b)
+        except gctrack.UnsupportedError as exc:
+            print(exc.mechanism, "|", exc.reason)
+        else:
+            raise SystemExit("armed under a handler that chains to gctrack's")
+        assert b.armed_by is None
+"""
+
+
+def test_arming_under_a_handler_that_may_chain_to_ours_is_unsupported():
+    run = run_python(ARMING_UNDER_A_FOREIGN_HANDLER, timeout=60)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("mprotect | SIGSEGV handler replaced by"), run.stdout
+
+
+FAULTHANDLER_FIRST = """
+    import ctypes, faulthandler
+    import numpy, gctrack
+    from gctrack.testing import NativeWriters
+
+    faulthandler.enable()
+    arena = gctrack.Arena(64 * 4096)
+    tracker = gctrack.Tracker(arena, backend="mprotect")
+    offsets = numpy.arange(64, dtype=numpy.uint64) * 4096
+    with NativeWriters(arena, [offsets[::2], offsets[1::2]]):
+        pass
+    assert len(tracker.scan()) == 1 and tracker.scan().size == 0
+    print("tracked writes ok", flush=True)
+    libc = ctypes.CDLL(None)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    page = libc.mmap(None, 4096, 1, 0x22, -1, 0)            # PROT_READ, private anonymous
+    ctypes.memset(page, 1, 1)                                # a real crash, outside any arena
+"""
+
+
+def test_faulthandler_enabled_first_still_reports_real_crashes():
+    run = run_python(FAULTHANDLER_FIRST, timeout=60)
+    assert "tracked writes ok" in run.stdout, run.stderr[-3000:]
+    assert run.returncode == -11
+    assert "Fatal Python error: Segmentation fault" in run.stderr

@@ -28,8 +28,8 @@
 #define GCT_MP_RETIRED 256
 
 /* Track [start, start + size): install the handler if needed. A slot, or
- * -ENOSPC (no free slot), -EBUSY (another SIGSEGV handler replaced ours,
- * and it may chain to ours), or the -errno of a failed sigaction. */
+ * -ENOSPC (no free slot), -EBUSY (another SIGSEGV handler replaced ours:
+ * gct_mp_describe_handler says which), or the -errno of a failed sigaction. */
 int gct_mp_register(uintptr_t start, size_t size, uint64_t *words, unsigned page_shift);
 
 /* Stop tracking a slot; the caller has already made its pages writable.
@@ -41,6 +41,17 @@ int gct_mp_unregister(int slot);
  * The thread running the pass must not write to the arena in between. */
 void gct_mp_begin_pass(int slot);
 void gct_mp_end_pass(int slot);
+
+/* Whether the SIGSEGV handler installed now is gctrack's. */
+int gct_mp_handler_is_current(void);
+
+/* Describe the SIGSEGV handler that replaced gctrack's into buf (one line);
+ * 0 when gctrack's is the one installed, -1 otherwise. */
+int gct_mp_describe_handler(char *buf, size_t len);
+
+/* Mark every page of the slot dirty and make the arena writable: what to do
+ * when its writes can no longer be caught. 0 or -errno. */
+int gct_mp_open_slot(int slot);
 
 /* Faults the handler has resolved, over all arenas. */
 uint64_t gct_mp_faults(void);
