@@ -18,7 +18,7 @@ from libc.string cimport strncat, strlen
 from posix.mman cimport mprotect, PROT_READ, PROT_WRITE
 
 from gctrack.arena cimport Arena
-from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink
+from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink, gct_touch_byte
 from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_clear,
                                dirtymap_pass, dirtymap_record_range)
 
@@ -129,6 +129,12 @@ cdef class MprotectBackend(Backend):
         try:
             if dirtymap_init(&self.c.dirty, self.c.base.start, arena.size, shift, shift):
                 raise MemoryError()
+            # One write before the first mprotect gives the arena's mapping its
+            # anon_vma, which every piece that per-page protection splits off
+            # then shares, so passes and close() merge the pieces back. Without
+            # it each written page of a never-touched arena keeps a mapping of
+            # its own, thousands a pass, up to vm.max_map_count.
+            gct_touch_byte(<char *>self.c.base.start)
             self.register_arena(shift)
             with nogil:
                 rc = rearm_range(&self.c.base, self.c.base.start, self.c.base.end)

@@ -1,5 +1,6 @@
 """The mprotect backend's SIGSEGV handler over the life of a process: closing
-under native writers, fork, other handlers installed over it.
+under native writers, fork, other handlers installed over it, the mapping it
+splits.
 
 Everything that could crash or hang runs in a subprocess with a timeout.
 """
@@ -12,6 +13,7 @@ import pytest
 
 import gctrack
 from conftest import require
+from gctrack.testing import store_bytes
 
 
 def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -258,3 +260,38 @@ def test_faulthandler_enabled_first_still_reports_real_crashes():
     assert "tracked writes ok" in run.stdout, run.stderr[-3000:]
     assert run.returncode == -11
     assert "Fatal Python error: Segmentation fault" in run.stderr
+
+
+# ---- the mapping per-page protection splits ----------------------------------------------
+
+def lines_in_maps(lo: int, hi: int) -> int:
+    """Lines of /proc/self/maps that overlap [lo, hi)."""
+    count = 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            count += start < hi and end > lo
+    return count
+
+
+def test_passes_and_close_merge_the_mapping_of_a_never_touched_arena(page_size):
+    """Each page written in a never-touched arena used to keep a mapping of its
+    own: thousands of /proc/self/maps lines a round, never merged back."""
+    arena = gctrack.Arena(4096 * page_size)              # not prefaulted
+    lo, hi = arena.address, arena.address + arena.size
+    tracker = gctrack.Tracker(arena, backend="mprotect")
+    cards = gctrack.CardTable.for_arena(arena, page_size)
+    rng = numpy.random.default_rng(5)
+    after_writes = []
+    for _ in range(4):
+        pages = rng.choice(arena.num_pages, 1000, replace=False)
+        store_bytes(arena, (pages * page_size).astype(numpy.uint64))
+        after_writes.append(lines_in_maps(lo, hi))
+        cards.clear()
+        tracker.collect(cards)
+        assert cards.count() == 1000
+        assert lines_in_maps(lo, hi) == 1, "a pass left the arena's mapping in pieces"
+    assert max(after_writes) <= 2 * 1000 + 1                  # writable pages, between passes
+    tracker.close()
+    assert lines_in_maps(lo, hi) == 1
+    arena.close()
