@@ -4,13 +4,16 @@
 Armed pages are read-only. The first write to one raises SIGSEGV; the
 handler (mprotect_handler.c, async-signal-safe) records the page and makes
 it writable. A pass takes the recorded pages, makes them read-only again and
-reports them; handlers of the arena wait while it does. The kernel cannot write into a read-only page: read() into an
-armed page fails with EFAULT unless Tracker.record() dirtied it first.
+reports them; handlers of the arena wait while it does. The kernel cannot
+write into a read-only page: read() into an armed page fails with EFAULT
+unless Tracker.record() dirtied it first.
 
 The handler stays installed for the life of the process once an arena is
 armed (see mprotect_handler.h). Every pass and re-arm first checks that it is
 still the installed SIGSEGV handler; if something replaced it, the arena is
-made writable and all dirty, and the pass fails naming the replacement.
+made writable and all dirty, and the pass fails naming the replacement. The
+constructor proves the mechanism: it writes to one armed page and checks that
+the handler recorded it, or raises UnsupportedError.
 """
 from libc.errno cimport errno, EBUSY, ENOSPC
 from libc.stdint cimport uint64_t, uintptr_t
@@ -20,7 +23,9 @@ from posix.mman cimport mprotect, PROT_READ, PROT_WRITE
 from gctrack.arena cimport Arena
 from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink, gct_touch_byte
 from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_clear,
-                               dirtymap_pass, dirtymap_record_range)
+                               dirtymap_pass, dirtymap_record_range, gct_bits_load)
+
+import os
 
 from gctrack.errors import TrackerError, UnsupportedError
 
@@ -140,6 +145,7 @@ cdef class MprotectBackend(Backend):
                 rc = rearm_range(&self.c.base, self.c.base.start, self.c.base.end)
             if rc:
                 raise TrackerError(-rc, self.c.base.failed_operation.decode())
+            self.prove_handler_works()
         except BaseException:
             self.release()
             raise
@@ -156,8 +162,24 @@ cdef class MprotectBackend(Backend):
             gct_mp_describe_handler(problem, sizeof(problem))
             raise UnsupportedError("mprotect", problem.decode(), EBUSY)
         if slot < 0:
-            raise TrackerError(-slot, "installing the SIGSEGV handler")
+            raise UnsupportedError("mprotect", f"sigaction(SIGSEGV): {os.strerror(-slot)}", -slot)
         self.c.slot = slot
+        return 0
+
+    cdef int prove_handler_works(self) except -1:
+        """Write to one armed page (an atomic add of 0 keeps its contents),
+        check that the handler recorded it, and re-arm the page."""
+        cdef uintptr_t page = self.c.base.start
+        cdef int rc
+        with nogil:
+            gct_touch_byte(<char *>page)
+        if not gct_bits_load(&self.c.dirty.words[0]) & 1:
+            raise UnsupportedError("mprotect", "a write to an armed page did not reach "
+                                   "gctrack's SIGSEGV handler")
+        with nogil:
+            rc = rearm_range(&self.c.base, page, page + self.c.base.granularity)
+        if rc:
+            raise TrackerError(-rc, self.c.base.failed_operation.decode())
         return 0
 
     cdef void release(self) noexcept:

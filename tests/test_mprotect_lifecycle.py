@@ -1,9 +1,10 @@
 """The mprotect backend's SIGSEGV handler over the life of a process: closing
 under native writers, fork, other handlers installed over it, the mapping it
-splits.
+splits, and the constructor's proof that it works.
 
 Everything that could crash or hang runs in a subprocess with a timeout.
 """
+import platform
 import subprocess
 import sys
 import textwrap
@@ -295,3 +296,61 @@ def test_passes_and_close_merge_the_mapping_of_a_never_touched_arena(page_size):
     tracker.close()
     assert lines_in_maps(lo, hi) == 1
     arena.close()
+
+
+# ---- the constructor proves the mechanism ------------------------------------------------
+
+SECCOMP = """
+    import ctypes, errno, struct
+
+    def seccomp_errno(syscall_nr, arg_index, arg_value, err):
+        # Make syscall_nr(..., args[arg_index] == arg_value, ...) return -err
+        # (0: pretend to succeed) without running it; allow everything else.
+        AUDIT_ARCH_X86_64 = 0xC000003E
+        LD, JEQ, RET = 0x20, 0x15, 0x06
+        args = 16 + 8 * arg_index
+        program = [
+            (LD, 0, 0, 4), (JEQ, 0, 5, AUDIT_ARCH_X86_64),
+            (LD, 0, 0, 0), (JEQ, 0, 3, syscall_nr),
+            (LD, 0, 0, args), (JEQ, 0, 1, arg_value),
+            (RET, 0, 0, 0x00050000 | err),
+            (RET, 0, 0, 0x7FFF0000),
+        ]
+        code = b"".join(struct.pack("HBBI", *insn) for insn in program)
+        buf = ctypes.create_string_buffer(code)
+        prog = struct.pack("HxxxxxxQ", len(program), ctypes.addressof(buf))
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.prctl(38, 1, 0, 0, 0) == 0                      # PR_SET_NO_NEW_PRIVS
+        assert libc.prctl(22, 2, ctypes.c_char_p(prog), 0, 0) == 0, ctypes.get_errno()
+"""
+
+PROOF_FAILS = SECCOMP + """
+    import sys
+    import numpy, gctrack
+    from gctrack.mprotect import MprotectBackend
+
+    arena = gctrack.Arena(8 * 4096)
+    if sys.argv[1] == "mprotect":
+        seccomp_errno(10, 2, 1, 0)               # mprotect(..., PROT_READ) "succeeds", does nothing
+    else:
+        seccomp_errno(13, 0, 11, errno.EPERM)    # rt_sigaction(SIGSEGV, ...) fails
+    try:
+        MprotectBackend(arena)                   # built directly: no probe in front of it
+    except gctrack.UnsupportedError as exc:
+        print(exc.mechanism, exc.errno, "|", exc.reason)
+    else:
+        raise SystemExit("armed a mechanism that does not work")
+    assert arena.armed_by is None
+    numpy.asarray(arena)[:] = 1                  # the arena is left writable
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filter is x86-64's")
+@pytest.mark.parametrize("broken, expected", [
+    ("mprotect", "mprotect 95 | a write to an armed page did not reach"),
+    ("sigaction", "mprotect 1 | sigaction(SIGSEGV): Operation not permitted"),
+])
+def test_the_constructor_proves_the_mechanism_works(broken, expected):
+    run = run_python(PROOF_FAILS, broken, timeout=60)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith(expected), run.stdout
