@@ -254,3 +254,21 @@ def test_bits_past_the_last_card_never_count():
     assert t.ranges().tolist() == [[BASE, BASE + 640]]
     t.words[0] = 1 << 40
     assert t.count() == 0 and t.indices().tolist() == [] and t.ranges().tolist() == []
+
+
+def test_a_heap_with_huge_cards_frees_nothing_reachable():
+    """With 2**32-byte cards the collector's table had 0 cards, so precleaning
+    and remark saw no dirty card and reachable objects were freed."""
+    from gctrack.collector import Collector
+    from gctrack.heap import Heap
+    from gctrack.mutator import NativeMutators, populate
+
+    with Heap(16 << 20, backend="software", card_size=1 << 32) as heap:
+        populate(heap, 150000, garbage=0.3, seed=5)
+        collector = Collector(heap)
+        with NativeMutators(heap, threads=2, rate=0, seed=7) as mutators:
+            for _ in range(20):
+                collector.collect()
+            totals = mutators.stats()
+    assert totals["stores"] > 1000
+    assert totals["violations"] == 0, "a mutator found an object it holds freed"
