@@ -6,6 +6,7 @@ import numpy
 
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from libc.string cimport memset
+from gctrack.arena cimport Arena
 from gctrack.linux cimport gct_page_region
 
 # The layout of struct gct_page_region, and of the arrays Tracker.scan() returns.
@@ -195,6 +196,8 @@ cdef class CardTable:
     @classmethod
     def for_arena(cls, arena, card_size=512):
         """A table covering exactly ``arena``."""
+        if not isinstance(arena, Arena):
+            raise TypeError(f"arena must be a gctrack.Arena, got {type(arena).__name__}")
         return cls(arena.address, arena.size, card_size)
 
     @property

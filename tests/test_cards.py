@@ -157,6 +157,8 @@ def test_for_arena(arena):
     t = gctrack.CardTable.for_arena(arena, card_size=1024)
     assert (t.base, t.size, t.card_size) == (arena.address, arena.size, 1024)
     assert "CardTable" in repr(t)
+    with pytest.raises(TypeError, match="gctrack.Arena"):
+        gctrack.CardTable.for_arena(numpy.zeros(4096, numpy.uint8))
 
 
 # ---- sizes and addresses at the edges of 64 bits ------------------------------
