@@ -3,6 +3,8 @@ from typing import Any
 import numpy
 import numpy.typing as npt
 
+MAX_ARENA_SIZE: int
+
 class Arena:
     """Page-aligned anonymous memory; ``numpy.asarray(arena)`` is a uint8 view."""
 

@@ -20,6 +20,10 @@ cdef extern from "<sys/mman.h>" nogil:
 
 cdef size_t HUGE_PAGE_SIZE = 2 * 1024 * 1024
 
+# Larger than any address space, and small enough that rounding up, the
+# alignment slack and the buffer length (a Py_ssize_t) can never overflow.
+MAX_ARENA_SIZE = 1 << 62
+
 
 cdef size_t round_up(size_t value, size_t multiple) noexcept nogil:
     return (value + multiple - 1) // multiple * multiple
@@ -38,6 +42,8 @@ cdef class Arena:
         requested = operator.index(size)
         if requested <= 0:
             raise ValueError(f"arena size must be positive, got {requested}")
+        if requested > MAX_ARENA_SIZE:
+            raise ValueError(f"arena size must be at most {MAX_ARENA_SIZE} bytes, got {requested}")
         self.page_size = <size_t>sysconf(_SC_PAGESIZE)
         self.huge_pages = bool(huge_pages)
         align = HUGE_PAGE_SIZE if self.huge_pages else self.page_size
@@ -138,6 +144,8 @@ cdef class Arena:
     def view(self, dtype, offset=0, count=-1):
         """A writable, zero-copy numpy view of ``count`` items from ``offset``."""
         dtype = numpy.dtype(dtype)
+        if dtype.itemsize == 0:
+            raise ValueError(f"cannot view the arena as {dtype}: its items have no size")
         offset = operator.index(offset)
         count = operator.index(count)
         if offset < 0 or offset > self.size:

@@ -6,6 +6,10 @@ from gctrack.linux cimport gct_page_region
 cdef extern from "gctrack/gctrack.h" nogil:
     # One bit per card of [base, base + size): the C-level view of a
     # CardTable, and a stable layout of the C API (gct_cards).
+    # A CardTable guarantees base + size < 2**64 and card_shift in 6..63, so
+    # base + (card << card_shift) cannot overflow for card < num_cards;
+    # num_cards is exactly ceil(size / card size). Bits at or past num_cards
+    # in the last word are ignored.
     ctypedef struct CardBits "gct_cards":
         uint64_t *words
         uintptr_t base
@@ -62,4 +66,6 @@ cdef class CardTable:
 
     cdef int check_same_geometry(self, CardTable other) except -1
     cdef int check_covers(self, uintptr_t start, size_t length) except -1
+    cdef int check_span(self, object addr, object length) except -1
+    cdef object outside(self, object start, object length)
     cdef size_t card_of(self, object addr) except? 0

@@ -6,6 +6,7 @@ import numpy.typing as npt
 from gctrack.arena import Arena
 
 REGION_DTYPE: numpy.dtype
+MAX_CARD_SIZE: int
 
 class CardTable:
     """One bit per ``card_size`` bytes of [base, base + size)."""

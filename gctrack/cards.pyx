@@ -6,6 +6,7 @@ import numpy
 
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from libc.string cimport memset
+from gctrack.arena cimport Arena
 from gctrack.linux cimport gct_page_region
 
 # The layout of struct gct_page_region, and of the arrays Tracker.scan() returns.
@@ -54,11 +55,20 @@ cdef void cards_clear_range(CardBits *t, uintptr_t start, uintptr_t end) noexcep
     t.words[last >> 6] &= ~tail
 
 
+cdef uint64_t cards_last_word_mask(const CardBits *t) noexcept nogil:
+    """The bits of the last word that stand for cards: ``words`` is a live,
+    writable array, and bits past num_cards must never count as cards."""
+    cdef unsigned used = t.num_cards & 63
+    return (~<uint64_t>0) >> (64 - used) if used else ~<uint64_t>0
+
+
 cdef size_t cards_count(const CardBits *t) noexcept nogil:
     cdef size_t w, total = 0
-    for w in range(t.num_words):
+    if t.num_words == 0:
+        return 0
+    for w in range(t.num_words - 1):
         total += popcount64(t.words[w])
-    return total
+    return total + popcount64(t.words[t.num_words - 1] & cards_last_word_mask(t))
 
 
 cdef size_t cards_next_dirty(const CardBits *t, size_t card) noexcept nogil:
@@ -72,7 +82,8 @@ cdef size_t cards_next_dirty(const CardBits *t, size_t card) noexcept nogil:
         if w >= t.num_words:
             return t.num_cards
         word = t.words[w]
-    return (w << 6) + ctz64(word)
+    cdef size_t found = (w << 6) + ctz64(word)
+    return found if found < t.num_cards else t.num_cards
 
 
 cdef size_t cards_next_clean(const CardBits *t, size_t card) noexcept nogil:
@@ -90,6 +101,14 @@ cdef size_t cards_next_clean(const CardBits *t, size_t card) noexcept nogil:
     return found if found < t.num_cards else t.num_cards
 
 
+cdef inline uintptr_t card_start(const CardBits *t, size_t card) noexcept nogil:
+    """The address where ``card`` starts; the table's end for card >= num_cards
+    (a card's offset is below size, so this never overflows)."""
+    if card >= t.num_cards:
+        return t.base + t.size
+    return t.base + (<uintptr_t>card << t.card_shift)
+
+
 cdef void cards_merge(CardBits *dst, const CardBits *src) noexcept nogil:
     """Mark in dst every card that overlaps a dirty card of src (any geometry)."""
     if (dst.base == src.base and dst.size == src.size
@@ -99,8 +118,7 @@ cdef void cards_merge(CardBits *dst, const CardBits *src) noexcept nogil:
     cdef size_t first = cards_next_dirty(src, 0), after
     while first < src.num_cards:
         after = cards_next_clean(src, first)
-        cards_mark_range(dst, src.base + (<uintptr_t>first << src.card_shift),
-                         src.base + (<uintptr_t>after << src.card_shift))
+        cards_mark_range(dst, card_start(src, first), card_start(src, after))
         first = cards_next_dirty(src, after)
 
 
@@ -118,25 +136,33 @@ cdef size_t fill_ranges(const CardBits *t, uint64_t *out) noexcept nogil:
     """Coalesce runs of dirty cards into [start, end) address pairs at ``out``
     (skipped when NULL); returns the number of runs."""
     cdef size_t n = 0, first, after
-    cdef uintptr_t limit = t.base + t.size
-    cdef uintptr_t end
     first = cards_next_dirty(t, 0)
     while first < t.num_cards:
         after = cards_next_clean(t, first)
         if out != NULL:
-            end = t.base + (<uintptr_t>after << t.card_shift)
-            out[2 * n] = t.base + (<uintptr_t>first << t.card_shift)
-            out[2 * n + 1] = end if end < limit else limit
+            out[2 * n] = card_start(t, first)
+            out[2 * n + 1] = card_start(t, after)
         n += 1
         first = cards_next_dirty(t, after)
     return n
 
 
+# Every size and address is a uint64: the largest card and the last address.
+MAX_CARD_SIZE = 1 << 63
+cdef object ADDRESS_LIMIT = 1 << 64
+
+
 cdef unsigned checked_card_shift(object card_size) except? 0:
     card_size = operator.index(card_size)
-    if card_size < 64 or card_size & (card_size - 1):
-        raise ValueError(f"card_size must be a power of two >= 64, got {card_size}")
-    return (<unsigned long long>card_size).bit_length() - 1
+    if card_size < 64 or card_size > MAX_CARD_SIZE or card_size & (card_size - 1):
+        raise ValueError(f"card_size must be a power of two from 64 to 2**63, got {card_size}")
+    return card_size.bit_length() - 1
+
+
+cdef size_t cards_needed(size_t size, unsigned card_shift) noexcept nogil:
+    """ceil(size / card size), exact for every size and shift."""
+    cdef size_t partial = (size & ((<size_t>1 << card_shift) - 1)) != 0
+    return (size >> card_shift) + partial
 
 
 cdef class CardTable:
@@ -144,6 +170,8 @@ cdef class CardTable:
 
     ``words`` is a live numpy uint64 view of the bits (card i is bit i % 64
     of word i // 64). Addresses outside the table raise ValueError.
+    ``card_size`` is a power of two from 64 to MAX_CARD_SIZE (2**63), and the
+    table must end below 2**64.
     """
 
     def __cinit__(self, base, size, card_size=512):
@@ -153,10 +181,13 @@ cdef class CardTable:
             raise ValueError(f"base must be a non-negative address, got {base}")
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
+        if base + size >= ADDRESS_LIMIT:
+            raise ValueError(f"the table [{base:#x}, {base + size:#x}) does not fit in the "
+                             "64-bit address space")
         self.bits.card_shift = checked_card_shift(card_size)
         self.bits.base = base
         self.bits.size = size
-        self.bits.num_cards = (size + (1 << self.bits.card_shift) - 1) >> self.bits.card_shift
+        self.bits.num_cards = cards_needed(size, self.bits.card_shift)
         self.bits.num_words = (self.bits.num_cards + 63) >> 6
         self.words_array = numpy.zeros(self.bits.num_words, dtype=numpy.uint64)
         cdef uint64_t[::1] words = self.words_array
@@ -165,6 +196,8 @@ cdef class CardTable:
     @classmethod
     def for_arena(cls, arena, card_size=512):
         """A table covering exactly ``arena``."""
+        if not isinstance(arena, Arena):
+            raise TypeError(f"arena must be a gctrack.Arena, got {type(arena).__name__}")
         return cls(arena.address, arena.size, card_size)
 
     @property
@@ -181,24 +214,37 @@ cdef class CardTable:
 
     @property
     def card_size(self):
-        return 1 << self.bits.card_shift
+        return (<uint64_t>1) << self.bits.card_shift
 
     @property
     def num_cards(self):
         return self.bits.num_cards
 
     cdef int check_covers(self, uintptr_t start, size_t length) except -1:
-        if start < self.bits.base or start + length > self.bits.base + self.bits.size:
-            raise ValueError(
-                f"[{start:#x}, {start + length:#x}) is outside the card table "
-                f"[{self.bits.base:#x}, {self.bits.base + self.bits.size:#x})")
+        # Written so that nothing wraps: start + length may not fit in 64 bits.
+        if (start < self.bits.base or length > self.bits.size
+                or start - self.bits.base > self.bits.size - length):
+            raise self.outside(start, length)
         return 0
 
-    cdef size_t card_of(self, object addr) except? 0:
+    cdef object outside(self, object start, object length):
+        """The ValueError for [start, start + length) (Python ints: no wrapping)."""
+        return ValueError(
+            f"[{start:#x}, {start + length:#x}) is outside the card table "
+            f"[{self.bits.base:#x}, {self.bits.base + self.bits.size:#x})")
+
+    cdef int check_span(self, object addr, object length) except -1:
+        """check_covers for Python values: integers, non-negative, any magnitude."""
         addr = operator.index(addr)
-        if addr < 0:
-            raise ValueError(f"address must be non-negative, got {addr}")
-        self.check_covers(addr, 1)
+        length = operator.index(length)
+        if addr < 0 or length < 0:
+            raise ValueError(f"address and length must be non-negative, got {addr}, {length}")
+        if addr + length > ADDRESS_LIMIT:
+            raise self.outside(addr, length)
+        return self.check_covers(addr, length)
+
+    cdef size_t card_of(self, object addr) except? 0:
+        self.check_span(addr, 1)
         return (<uintptr_t>addr - self.bits.base) >> self.bits.card_shift
 
     cdef int check_same_geometry(self, CardTable other) except -1:
@@ -211,11 +257,9 @@ cdef class CardTable:
         """Mark every card overlapping [addr, addr + length)."""
         addr = operator.index(addr)
         length = operator.index(length)
-        if addr < 0 or length < 0:
-            raise ValueError(f"address and length must be non-negative, got {addr}, {length}")
-        if length == 0:
+        if length == 0 and addr >= 0:
             return
-        self.check_covers(addr, length)
+        self.check_span(addr, length)
         cards_mark_range(&self.bits, addr, addr + length)
 
     def add_regions(self, regions):
@@ -271,7 +315,7 @@ cdef class CardTable:
         cards_clear(&self.bits)
 
     def copy(self):
-        cdef CardTable twin = CardTable(self.bits.base, self.bits.size, 1 << self.bits.card_shift)
+        cdef CardTable twin = CardTable(self.bits.base, self.bits.size, self.card_size)
         twin.words_array[:] = self.words_array
         return twin
 
@@ -300,7 +344,7 @@ cdef class CardTable:
     __hash__ = None
 
     def __repr__(self):
-        return (f"<gctrack.CardTable {self.bits.num_cards} cards of {1 << self.bits.card_shift} B "
+        return (f"<gctrack.CardTable {self.bits.num_cards} cards of {self.card_size} B "
                 f"at {self.bits.base:#x}, {cards_count(&self.bits)} dirty>")
 
 
@@ -314,9 +358,10 @@ def _region_columns(regions):
     else:
         if array.ndim != 2 or array.shape[1] not in (2, 3):
             raise ValueError(f"regions must be a (k, 2) or (k, 3) array, got shape {array.shape}")
-        if array.dtype.kind not in "iu":
-            raise TypeError(f"regions must hold integers, got {array.dtype}")
-        if array.dtype.kind == "i" and (array[:, :2] < 0).any():
-            raise ValueError("region addresses must be non-negative")
         columns = array[:, 0], array[:, 1]
+    for column in columns:
+        if column.dtype.kind not in "iu":
+            raise TypeError(f"region addresses must be integers, got {column.dtype}")
+        if column.dtype.kind == "i" and (column < 0).any():
+            raise ValueError("region addresses must be non-negative")
     return tuple(numpy.ascontiguousarray(c, dtype=numpy.uint64) for c in columns)

@@ -140,3 +140,17 @@ def test_repr_says_state(page_size):
     assert "bytes at" in repr(a)
     a.close()
     assert "closed" in repr(a)
+
+
+@pytest.mark.parametrize("size", [2**64 - 1, 2**64, 2**70, 2**62 + 1])
+def test_sizes_beyond_the_limit_are_value_errors(size):
+    """Rounding 2**64 - 1 up to whole pages wrapped to 0 (an mmap EINVAL about
+    "0 bytes"); 2**64 and more were OverflowErrors."""
+    with pytest.raises(ValueError, match="at most"):
+        gctrack.Arena(size)
+
+
+@pytest.mark.parametrize("dtype", ["V0", "S0", [("empty", "u1", (0,))]])
+def test_views_of_zero_size_items_are_value_errors(arena, dtype):
+    with pytest.raises(ValueError, match="no size"):
+        arena.view(dtype)

@@ -1,4 +1,7 @@
 """CardTable against a plain numpy reference."""
+import subprocess
+import sys
+
 import numpy
 import pytest
 from hypothesis import given, settings
@@ -154,3 +157,120 @@ def test_for_arena(arena):
     t = gctrack.CardTable.for_arena(arena, card_size=1024)
     assert (t.base, t.size, t.card_size) == (arena.address, arena.size, 1024)
     assert "CardTable" in repr(t)
+    with pytest.raises(TypeError, match="gctrack.Arena"):
+        gctrack.CardTable.for_arena(numpy.zeros(4096, numpy.uint8))
+
+
+# ---- sizes and addresses at the edges of 64 bits ------------------------------
+
+@pytest.mark.parametrize("card_size", [1 << 31, 1 << 32, 1 << 40, 1 << 63])
+def test_huge_cards_make_a_working_table(card_size):
+    """Shifts are 64-bit: a card of 2**31 or more still covers the table
+    (it was an OverflowError at 2**31, and a table of 0 cards from 2**32 on)."""
+    t = gctrack.CardTable(BASE, 16 << 20, card_size)
+    assert (t.card_size, t.num_cards, t.words.shape) == (card_size, 1, (1,))
+    t.mark_range(BASE + (16 << 20) - 1, 1)
+    assert t.is_dirty(BASE) and t.count() == 1
+    assert t.ranges().tolist() == [[BASE, BASE + (16 << 20)]]
+    assert t.copy() == t and str(card_size) in repr(t)
+
+
+@pytest.mark.parametrize("card_size", [1 << 64, 1 << 65, (1 << 63) + 64])
+def test_cards_beyond_64_bits_are_value_errors(card_size):
+    with pytest.raises(ValueError, match="power of two"):
+        gctrack.CardTable(BASE, 4096, card_size)
+
+
+def test_num_cards_is_exact_at_the_top_of_the_address_space():
+    t = gctrack.CardTable(0, 2**63 + 1, card_size=2**63)
+    assert t.num_cards == 2
+    t.mark_range(2**63, 1)
+    assert t.indices().tolist() == [1]
+    assert t.ranges().tolist() == [[2**63, 2**63 + 1]]
+    u = gctrack.CardTable(2**64 - 2 * 4096, 4096 + 1, card_size=4096)
+    assert u.num_cards == 2
+    u.mark_range(2**64 - 4096, 1)
+    assert u.ranges().tolist() == [[2**64 - 4096, 2**64 - 4096 + 1]]
+
+
+@pytest.mark.parametrize("base, size", [
+    (2**64 - 4096, 8192), (0, 2**64), (BASE, 2**64), (2**64, 4096), (2**63, 2**63),
+])
+def test_tables_beyond_the_address_space_are_value_errors(base, size):
+    with pytest.raises(ValueError, match="64-bit address space"):
+        gctrack.CardTable(base, size)
+
+
+WRAPPING_SPANS = [(2**64 - 1, 1), (2**64, 1), (2**70, 1), (BASE, 2**64 - 1),
+                  (BASE, 2**64), (BASE + 1, 2**64 - 1), (BASE, 2**70), (BASE + 4096, 2**64 - 4096)]
+
+
+def test_addresses_that_wrap_are_outside_the_table():
+    """The bounds check cannot wrap: is_dirty(2**64 - 1) and mark_range(base, 2**64 - 1)
+    wrote or read far outside the table (a segfault), so this runs in a subprocess."""
+    code = f"""
+import gctrack
+t = gctrack.CardTable({BASE}, 4096)
+for addr, length in {WRAPPING_SPANS!r}:
+    for call in (lambda: t.is_dirty(addr + length - 1), lambda: t.mark_range(addr, length)):
+        try:
+            call()
+        except ValueError as e:
+            assert "outside" in str(e), e
+        else:
+            raise AssertionError(f"{{addr:#x}}+{{length:#x}} was accepted")
+assert t.count() == 0
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stderr[-2000:]
+
+
+def test_add_regions_that_wrap_are_outside_the_table():
+    t = gctrack.CardTable(BASE, 4096)
+    with pytest.raises(ValueError, match="outside"):
+        t.add_regions(numpy.array([[BASE, 2**64 - 1]], numpy.uint64))
+    with pytest.raises(ValueError):
+        t.add_regions(numpy.array([(2**64 - 1, 2**64 - 1, 0)], dtype=gctrack.REGION_DTYPE))
+    assert t.count() == 0
+
+
+def test_regions_must_hold_integers_in_every_layout():
+    t = gctrack.CardTable(BASE, 4096)
+    floats = numpy.array([(BASE + 0.5, BASE + 100.5)], dtype=[("start", "f8"), ("end", "f8")])
+    with pytest.raises(TypeError, match="integers"):
+        t.add_regions(floats)
+    negative = numpy.array([(-1, 4)], dtype=[("start", "i8"), ("end", "i8")])
+    with pytest.raises(ValueError, match="non-negative"):
+        t.add_regions(negative)
+
+
+def test_bits_past_the_last_card_never_count():
+    """``words`` is writable: stray bits in the last word are not cards, so
+    count(), indices() and ranges() agree (indices() returned garbage)."""
+    t = gctrack.CardTable(BASE, 64 * 10, 64)
+    t.words[0] = 2**64 - 1
+    assert t.count() == 10
+    assert t.indices().tolist() == list(range(10))
+    assert t.ranges().tolist() == [[BASE, BASE + 640]]
+    t.words[0] = 1 << 40
+    assert t.count() == 0 and t.indices().tolist() == [] and t.ranges().tolist() == []
+
+
+def test_a_heap_with_huge_cards_frees_nothing_reachable():
+    """With 2**32-byte cards the collector's table had 0 cards, so precleaning
+    and remark saw no dirty card and reachable objects were freed."""
+    from gctrack.collector import Collector
+    from gctrack.heap import Heap
+    from gctrack.mutator import NativeMutators, populate
+
+    with Heap(16 << 20, backend="software", card_size=1 << 32) as heap:
+        populate(heap, 150000, garbage=0.3, seed=5)
+        collector = Collector(heap)
+        with NativeMutators(heap, threads=2, rate=0, seed=7) as mutators:
+            for _ in range(20):
+                collector.collect()
+            totals = mutators.stats()
+    assert totals["stores"] > 1000
+    assert totals["violations"] == 0, "a mutator found an object it holds freed"
