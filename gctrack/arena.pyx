@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 """Arena: the page-aligned anonymous mapping whose writes gctrack tracks."""
 import operator
 
@@ -30,7 +30,10 @@ cdef size_t round_up(size_t value, size_t multiple) noexcept nogil:
 
 
 cdef class Arena:
-    """Page-aligned anonymous memory, writable through a zero-copy buffer.
+    """Arena(size, *, huge_pages=False)
+--
+
+Page-aligned anonymous memory, writable through a zero-copy buffer.
 
     ``numpy.asarray(arena)`` is a uint8 view of the whole arena; ``view()``
     gives typed views. ``close()`` makes the arena unusable at once, but the

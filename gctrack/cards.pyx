@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 """CardTable: one bit per card, and the hot loop that turns page regions into bits."""
 import operator
 
@@ -166,7 +166,10 @@ cdef size_t cards_needed(size_t size, unsigned card_shift) noexcept nogil:
 
 
 cdef class CardTable:
-    """A card table: one bit per ``card_size`` bytes of [base, base + size).
+    """CardTable(base, size, card_size=512)
+--
+
+A card table: one bit per ``card_size`` bytes of [base, base + size).
 
     ``words`` is a live numpy uint64 view of the bits (card i is bit i % 64
     of word i // 64). Addresses outside the table raise ValueError.
@@ -318,6 +321,12 @@ cdef class CardTable:
         cdef CardTable twin = CardTable(self.bits.base, self.bits.size, self.card_size)
         twin.words_array[:] = self.words_array
         return twin
+
+    def __copy__(self):
+        return self.copy()
+
+    def __deepcopy__(self, memo):
+        return self.copy()
 
     def __or__(self, other):
         if not isinstance(self, CardTable) or not isinstance(other, CardTable):

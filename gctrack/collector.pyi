@@ -5,7 +5,7 @@ from gctrack.stats import CycleStats
 
 class Collector:
     heap: Heap
-    def __init__(self, heap: Heap) -> None: ...
+    def __new__(cls, heap: Heap) -> Collector: ...
     def collect(self, *, concurrent: bool = True, max_preclean: int = 3,
                 after_phase: Callable[[str], object] | None = None) -> CycleStats:
         """One cycle. ``after_phase`` (a testing aid, concurrent cycles only) is

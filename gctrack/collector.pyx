@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 """Collector: a mostly-concurrent mark-sweep that remarks from the card table.
 
 Boehm-Demers-Shenker's mostly-parallel collector with HotSpot CMS's
@@ -163,7 +163,10 @@ cdef inline double now() noexcept nogil:
 # ---- the Python face -------------------------------------------------------------------
 
 cdef class Collector:
-    """Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
+    """Collector(heap)
+--
+
+Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
     cdef readonly Heap heap
     cdef CardTable cards
     cdef GrayStack stack

@@ -13,8 +13,9 @@ class Heap:
     tracker: Tracker
     card_size: int
     reserved_roots: npt.NDArray[numpy.bool_]
-    def __init__(self, size: int, *, object_size: int = 64, backend: str = "auto",
-                 card_size: int = 512, max_roots: int = 1024) -> None: ...
+    collecting: bool
+    def __new__(cls, size: int, *, object_size: int = 64, backend: str = "auto",
+                card_size: int = 512, max_roots: int = 1024) -> Heap: ...
     @property
     def object_size(self) -> int: ...
     @property

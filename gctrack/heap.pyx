@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 """Heap: fixed-size objects with reference slots, in a tracked arena (layout in heap.pxd)."""
 import operator
 
@@ -171,7 +171,10 @@ cdef void safepoint_wake_parked(Safepoint *sp) noexcept nogil:
 # ---- the Python face ------------------------------------------------------------------
 
 cdef class Heap:
-    """Fixed-size objects in a tracked Arena; see heap.pxd for the layout.
+    """Heap(size, *, object_size=64, backend='auto', card_size=512, max_roots=1024)
+--
+
+Fixed-size objects in a tracked Arena; see heap.pxd for the layout.
 
     Hold the objects you use through roots: like any collector, this one
     frees whatever the roots cannot reach. After ``close()`` (or once its

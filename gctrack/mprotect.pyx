@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 """mprotect + SIGSEGV: the classic mechanism (bdwgc's MPROTECT_VDB).
 
 Armed pages are read-only. The first write to one raises SIGSEGV; the
@@ -127,7 +127,10 @@ def handler_faults():
 
 
 cdef class MprotectBackend(Backend):
-    """Read-only pages and a SIGSEGV handler that records the first write to each."""
+    """MprotectBackend(arena, vector_len=None)
+--
+
+Read-only pages and a SIGSEGV handler that records the first write to each."""
     cdef MprotectCore c
 
     def __cinit__(self, Arena arena not None, vector_len=None):

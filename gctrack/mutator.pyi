@@ -3,8 +3,8 @@ from gctrack.heap import Heap
 class NativeMutators:
     """Native threads mutating a Heap; they hold their root slots from start() to stop()."""
 
-    def __init__(self, heap: Heap, *, threads: int = 2, rate: float = 0.0,
-                 roots_per_thread: int = 16, seed: int = 1) -> None: ...
+    def __new__(cls, heap: Heap, *, threads: int = 2, rate: float = 0.0,
+                roots_per_thread: int = 16, seed: int = 1) -> NativeMutators: ...
     def start(self) -> NativeMutators:
         """Returns once every thread is registered (parked, if the world is stopped)."""
         ...

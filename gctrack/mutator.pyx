@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 """Native mutators: threads without the GIL that change a Heap's object graph.
 
 They behave like a program, not like noise: every reference they store or
@@ -153,7 +153,10 @@ cdef double REGISTER_WAIT_SLICE = 0.05
 
 @cython.no_gc_clear       # the threads use self.heap until __dealloc__ has joined them
 cdef class NativeMutators:
-    """``threads`` native threads mutating ``heap`` at ``rate`` operations per
+    """NativeMutators(heap, *, threads=2, rate=0.0, roots_per_thread=16, seed=1)
+--
+
+``threads`` native threads mutating ``heap`` at ``rate`` operations per
     second each (0: unthrottled). From start() to stop() each owns
     ``roots_per_thread`` root slots, taken from the heap's free root slots
     and emptied again by stop(). ``pause()``/``resume()`` stop and release

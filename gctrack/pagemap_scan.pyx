@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 """The primary backend: userfaultfd WP_ASYNC + PAGEMAP_SCAN (Linux 6.7+).
 
 Writes to the armed range are resolved by the kernel itself (no fault
@@ -172,7 +172,10 @@ def checked_vector_len(vector_len):
 
 
 cdef class PagemapScanBackend(Backend):
-    """userfaultfd(WP_ASYNC) registration of an arena, scanned with PAGEMAP_SCAN.
+    """PagemapScanBackend(arena, vector_len=4096)
+--
+
+userfaultfd(WP_ASYNC) registration of an arena, scanned with PAGEMAP_SCAN.
 
     Arming proves the mechanism: UnsupportedError, with the reason, where
     userfaultfd, WP_ASYNC or PAGEMAP_SCAN is missing or denied. Process-wide

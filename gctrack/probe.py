@@ -10,7 +10,6 @@ process is left as it was.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -150,13 +149,21 @@ def prove_backends_in_child() -> dict[str, Support]:
     return {name: Support(**verdicts[name]) for name in PROVEN_BACKENDS}
 
 
-@functools.cache
+_FOUND: dict[bool, Features] = {}
+
+
 def features(*, in_process: bool = False) -> Features:
     """Probe this kernel once per process; every missing mechanism says why.
 
     The backends are proven in a child process unless ``in_process`` is
     true (see the module docstring for what proving them does to a process).
     """
+    if in_process not in _FOUND:
+        _FOUND[in_process] = probe_features(in_process)
+    return _FOUND[in_process]
+
+
+def probe_features(in_process: bool) -> Features:
     uffd, wp_async = probe_userfaultfd()
     verdicts = prove_backends_here() if in_process else prove_backends_in_child()
     return Features(

@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 """Soft-dirty bits: /proc/self/clear_refs "4" and bit 55 of /proc/self/pagemap.
 
 Needs CONFIG_MEM_SOFT_DIRTY (the constructor checks, on a scratch page, and
@@ -169,7 +169,10 @@ cdef void unregister_core(SoftDirtyCore *core) noexcept nogil:
 
 
 cdef class SoftDirtyBackend(Backend):
-    """Soft-dirty page bits; passes are not atomic (see the module docstring)."""
+    """SoftDirtyBackend(arena, vector_len=None)
+--
+
+Soft-dirty page bits; passes are not atomic (see the module docstring)."""
     cdef SoftDirtyCore c
     cdef bint registered
 

@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 """Software card marking: no help from the OS.
 
 Writers report their stores themselves, after each store: through
@@ -35,7 +35,10 @@ cdef int record_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcep
 
 
 cdef class SoftwareBackend(Backend):
-    """A 64-byte-card dirty map that only the writers' barrier fills in."""
+    """SoftwareBackend(arena, vector_len=None)
+--
+
+A 64-byte-card dirty map that only the writers' barrier fills in."""
 
     def __cinit__(self, Arena arena not None, vector_len=None):
         self.attach(arena, &self.c.base, b"software", CARD_SIZE)

@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3, boundscheck=False, wraparound=False, embedsignature=True
 """Native writer threads for tests and benchmarks.
 
 Real pthreads that store into an arena without the GIL, so that tests can
@@ -93,7 +93,10 @@ def store_bytes(Arena arena not None, offsets, Tracker tracker=None):
 
 @cython.no_gc_clear       # the threads use the arena (pinned) until __dealloc__ has joined them
 cdef class NativeWriters:
-    """One pthread per offsets array; thread k stores one byte at each of
+    """NativeWriters(arena, offsets, spin=0)
+--
+
+One pthread per offsets array; thread k stores one byte at each of
     ``offsets[k]`` (byte offsets into the arena), in order, without the GIL.
 
     ``spin`` pause instructions between stores slow a writer down so that

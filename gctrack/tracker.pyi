@@ -4,7 +4,7 @@ import numpy
 
 from gctrack.arena import Arena
 from gctrack.backend import Backend
-from gctrack.cards import CardTable
+from gctrack.cards import REGION_DTYPE as REGION_DTYPE, CardTable
 from gctrack.stats import LoopStats, PassStats
 
 class Tracker:
@@ -13,8 +13,8 @@ class Tracker:
     arena: Arena
     closed: bool
     backend_object: Backend
-    def __init__(self, arena: Arena, *, backend: str | Backend = "auto",
-                 vector_len: int | None = None) -> None: ...
+    def __new__(cls, arena: Arena, *, backend: str | Backend = "auto",
+                vector_len: int | None = None) -> Tracker: ...
     @property
     def backend(self) -> str: ...
     @property

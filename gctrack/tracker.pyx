@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 """Tracker: arms a backend over an arena and runs its passes.
 
 The pass (timed, serialised by one lock), the background pass loop and drain
@@ -332,7 +332,10 @@ def _pass_stats(PassCounts counts):
 
 
 cdef class Tracker:
-    """Tracks which pages of an arena are written, through one backend.
+    """Tracker(arena, *, backend='auto', vector_len=None)
+--
+
+Tracks which pages of an arena are written, through one backend.
 
     Tracking starts at construction (every page armed; writes made while the
     constructor runs may or may not be reported). ``collect`` runs one pass

@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 """userfaultfd synchronous write-protect, with a native fault-handler thread.
 
 Every first write to an armed page blocks its writer and sends a message
@@ -159,7 +159,10 @@ cdef int end_external(BackendCore *base, uintptr_t start, uintptr_t end) noexcep
 
 
 cdef class UffdSyncBackend(Backend):
-    """userfaultfd write-protect in synchronous mode, with a handler thread.
+    """UffdSyncBackend(arena, vector_len=None)
+--
+
+userfaultfd write-protect in synchronous mode, with a handler thread.
 
     ``kernel_writes`` says what a write by the kernel (read() into the arena)
     does: with the privilege to open a full userfaultfd the handler resolves

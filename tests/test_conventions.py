@@ -20,3 +20,30 @@ def test_every_public_object_has_a_repr_that_says_what_it_is(arena):
             assert "running" in repr(mutators)
         watch.close()
         assert "closed" in repr(watch) and "pagemap_scan" in repr(watch)
+
+
+def test_constructors_have_signatures():
+    import inspect
+    expected = {
+        gctrack.Arena: ["size", "huge_pages"],
+        gctrack.CardTable: ["base", "size", "card_size"],
+        gctrack.Tracker: ["arena", "backend", "vector_len"],
+        gctrack.Heap: ["size", "object_size", "backend", "card_size", "max_roots"],
+        gctrack.Collector: ["heap"],
+        gctrack.NativeMutators: ["heap", "threads", "rate", "roots_per_thread", "seed"],
+    }
+    for cls, names in expected.items():
+        assert list(inspect.signature(cls).parameters) == names, cls
+        assert not cls.__doc__.startswith(cls.__name__ + "("), "the signature is not shown twice"
+    for name, cls in gctrack.BACKENDS.items():
+        assert list(inspect.signature(cls).parameters)[0] == "arena", name
+
+
+def test_card_tables_copy_with_the_copy_module():
+    import copy
+    table = gctrack.CardTable(1 << 20, 64 * 4096, card_size=4096)
+    table.mark_range((1 << 20) + 5000, 1)
+    for twin in (copy.copy(table), copy.deepcopy(table)):
+        assert twin == table and twin is not table
+        twin.clear()
+        assert table.count() == 1, "the copy does not share the bits"
