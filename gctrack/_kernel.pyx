@@ -5,7 +5,7 @@ from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK
 from posix.unistd cimport close
 
 from gctrack.linux cimport (GCT_UFFD_USER_MODE_ONLY, GCT_UFFD_FEATURE_WP_ASYNC,
-                           GCT_UFFD_FEATURE_WP_UNPOPULATED, uffd_open, uffd_api)
+                            GCT_UFFD_FEATURE_WP_UNPOPULATED, uffd_open, uffd_api)
 
 from gctrack.errors import TrackerError
 

@@ -19,11 +19,8 @@ Every store after step 1 lands on a dirty card, so a marked object that was
 given a reference to an unmarked one is rescanned by step 3 or 4. Nothing
 reachable at remark is freed; floating garbage waits for the next cycle.
 """
-import time
-
-from libc.errno cimport ENOMEM
 from libc.stdint cimport uint64_t, uintptr_t
-from libc.stdlib cimport malloc, realloc, free
+from libc.stdlib cimport realloc, free
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from gctrack.backend cimport PassCounts
@@ -316,7 +313,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
             preclean.append(PrecleanPass(dirty_cards=dirty, rescanned=rescanned, seconds=t1 - t0))
             if after_phase is not None:
                 after_phase("preclean")
-            if preclean[:-1] and dirty * 3 > previous * 2:
+            if len(preclean) > 1 and dirty * 3 > previous * 2:
                 break                         # not shrinking to 2/3: remark now
             previous = dirty
         if after_phase is not None:

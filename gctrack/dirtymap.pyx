@@ -3,11 +3,9 @@
 from libc.errno cimport EINVAL, ENOMEM, EOVERFLOW
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t, UINT32_MAX
 from libc.stdlib cimport calloc, free
-from libc.string cimport memset
 
 from gctrack.backend cimport PassCounts, RegionSink
 from gctrack.linux cimport gct_page_region, GCT_PAGE_IS_WRITTEN
-
 
 
 cdef int dirtymap_init(DirtyMap *m, uintptr_t base, size_t size, unsigned unit_shift,

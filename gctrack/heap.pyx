@@ -12,7 +12,7 @@ from posix.unistd cimport getpid
 
 from gctrack.arena cimport Arena
 from gctrack.cards cimport CardTable
-from gctrack.dirtymap cimport gct_bits_set, gct_bits_load
+from gctrack.dirtymap cimport gct_bits_set
 from gctrack.software cimport software_core_of, software_write_barrier
 from gctrack.tracker cimport Tracker
 from gctrack.threads cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,

@@ -359,7 +359,8 @@ def populate(Heap heap not None, objects, *, garbage=0.2, seed=1):
     free_roots = numpy.flatnonzero((heap.root_slots == 0) & ~heap.reserved_roots)[:64]
     if objects and free_roots.size == 0:
         raise ValueError("the heap has no free root slot")
-    cdef uint64_t[::1] root_slots = numpy.ascontiguousarray(free_roots, dtype=numpy.uint64) if free_roots.size else numpy.zeros(1, numpy.uint64)
+    cdef uint64_t[::1] root_slots = (numpy.ascontiguousarray(free_roots, dtype=numpy.uint64)
+                                     if free_roots.size else numpy.zeros(1, numpy.uint64))
     cdef HeapCore *h = &heap.core
     cdef uint64_t rng = (seed * SEED_MIX + 7) & 0xFFFFFFFFFFFFFFFF or 1
     cdef uint64_t garbage_threshold = <uint64_t>(garbage * 1000000)

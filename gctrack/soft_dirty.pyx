@@ -15,7 +15,6 @@ not of this code:
 """
 from libc.errno cimport errno, EIO, ENOSPC
 from libc.stdint cimport uint64_t, uintptr_t
-from libc.stdlib cimport malloc, free
 from posix.fcntl cimport open as c_open, O_RDONLY, O_WRONLY, O_CLOEXEC
 from posix.mman cimport mmap, munmap, MAP_FAILED, PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS
 from posix.unistd cimport access, close, pread, write, W_OK

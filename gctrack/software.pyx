@@ -10,8 +10,8 @@ from libc.stdint cimport uint64_t, uintptr_t
 
 from gctrack.arena cimport Arena
 from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink, no_preparation
-from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_clear,
-                               dirtymap_pass, dirtymap_record_range)
+from gctrack.dirtymap cimport (dirtymap_init, dirtymap_free, dirtymap_clear, dirtymap_pass,
+                               dirtymap_record_range)
 
 #: Bytes per software card: the finest CardTable a pass can feed exactly.
 CARD_SIZE = 64

@@ -48,12 +48,12 @@ ctypedef struct WriterJob:
 cdef void *writer_main(void *arg) noexcept nogil:
     cdef WriterJob *job = <WriterJob *>arg
     cdef size_t i
-    cdef unsigned s
+    cdef unsigned _pause
     while not gct_load_acquire(job.go):
         gct_cpu_relax()
     for i in range(job.count):
         job.base[job.offsets[i]] = <char>(i | 1)
-        for s in range(job.spin):
+        for _pause in range(job.spin):
             gct_cpu_relax()
     gct_increment(job.finished)
     return NULL

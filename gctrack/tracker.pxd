@@ -23,8 +23,9 @@ ctypedef struct TrackerCore:
     long owner_pid                  # the process that armed it
     const int *armed_here           # 1 in that process; a wipe-on-fork page reads 0 in a child
     const void *reserved_by         # the owner whose passes these are (a Heap), or NULL
-    int calls_in_flight             # record and bracket calls running now (atomic);
-                                    # close() waits for them before freeing the backend
+    # record and bracket calls inside the backend now (atomic); close()
+    # waits for them before it frees the backend
+    int calls_in_flight
 
 
 # The C-level entry points. Each returns 0 or -errno and applies the Python

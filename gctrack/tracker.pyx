@@ -12,7 +12,7 @@ import numpy
 
 from libc.errno cimport errno, EBADF, EBUSY, ECHILD, EINVAL, ENOMEM, EPERM
 from libc.stdint cimport uint64_t, uintptr_t
-from libc.stdlib cimport malloc, realloc, free
+from libc.stdlib cimport realloc, free
 from libc.string cimport memcpy, memset
 from posix.mman cimport (madvise, mmap, munmap, MADV_DONTNEED, MAP_ANONYMOUS, MAP_FAILED,
                          MAP_PRIVATE, PROT_READ, PROT_WRITE)
@@ -20,7 +20,7 @@ from posix.unistd cimport getpid, sysconf, _SC_PAGESIZE
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from gctrack.arena cimport Arena
-from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink
+from gctrack.backend cimport BackendCore, PassCounts, RegionSink
 from gctrack.cards cimport (CardBits, CardTable, cards_mark_regions, cards_merge,
                             cards_clear, cards_clear_range)
 from gctrack.linux cimport gct_page_region
