@@ -46,6 +46,15 @@ def test_passes_store_through_the_software_barrier():
     assert "no barrier" in done.stdout
 
 
+def test_the_installed_script_names_itself():
+    import shutil
+    script = shutil.which("gctrack")
+    if script is None:
+        pytest.skip("the gctrack script is not on PATH")
+    done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: gctrack ")
+
+
 def test_help_names_the_program_lists_backends_and_describes_commands():
     done = run("--help")
     assert done.returncode == 0 and done.stdout.startswith("usage: python -m gctrack")
@@ -113,6 +122,11 @@ def test_bench_quick_writes_results_and_names_missing_backends(tmp_path):
     assert all(r["seconds"] > 0 for r in results["results"] if not r["note"])
     assert results["cores"] == __import__("os").cpu_count() and results["rounds"] == 3
     assert " us" in done.stdout or " ms" in done.stdout
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "cost_vs_size.png").stat().st_size > 0
+    except ImportError:
+        assert "pip install 'gctrack[plots]'" in done.stderr
     for note in {r["note"] for r in results["results"] if r["note"]}:
         assert note in done.stdout, "a skipped cell names its reason"
 
