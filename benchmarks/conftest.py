@@ -22,7 +22,7 @@ CARD_SIZE = 512
 VECTOR_LEN = 4096
 
 #: Per group, the implementation the others are divided by, first one present.
-REFERENCES = ("pagemap_scan", "raw_c")
+REFERENCES = ("pagemap_scan", "raw_c", "untracked")
 
 
 @pytest.fixture(scope="session")
