@@ -9,6 +9,7 @@ import time
 import numpy
 
 import gctrack
+from gctrack.cards import MAX_CARD_SIZE
 from gctrack.testing import NativeWriters, store_bytes
 
 MiB = 1 << 20
@@ -185,8 +186,8 @@ def checked(kind, test, meaning: str):
 
 POSITIVE = checked(int, lambda v: v > 0, "a positive whole number")
 NOT_NEGATIVE = checked(float, lambda v: v >= 0 and v != float("inf"), "a number >= 0")
-CARD_SIZE = checked(int, lambda v: v >= 64 and v & (v - 1) == 0 and v <= 1 << 30,
-                    "a power of two from 64 to 2**30")
+CARD_SIZE = checked(int, lambda v: 64 <= v <= MAX_CARD_SIZE and v & (v - 1) == 0,
+                    "a power of two from 64 to 2**63")
 BACKEND_CHOICES = ("auto", *gctrack.BACKENDS)
 
 
