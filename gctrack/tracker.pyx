@@ -362,9 +362,13 @@ Tracks which pages of an arena are written, through one backend.
         pthread_condattr_destroy(&attr)
         self.sync_ready = True
         self.backend_object = backends.create(backend, arena, vector_len)
+        try:
+            self.accumulated_table = CardTable(arena.address, arena.size,
+                                               self.backend_object.core.granularity)
+        except BaseException:
+            self.backend_object.claimed = False     # the caller's Backend is theirs again
+            raise
         self.core.backend = self.backend_object.core
-        self.accumulated_table = CardTable(arena.address, arena.size,
-                                           self.core.backend.granularity)
         self.core.accumulated = self.accumulated_table.bits
 
     def __dealloc__(self):
