@@ -16,7 +16,7 @@ import numpy
 from libc.errno cimport errno, EBADF, ECHILD, EINVAL
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport realloc, free
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcpy, memset
 from posix.mman cimport mmap, munmap, MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from posix.unistd cimport getpid
@@ -79,24 +79,35 @@ cdef void keep_missed(MissedBuffer *out, uintptr_t addr, uint64_t old,
     out.length += 1
 
 
+cdef inline bint block_changed(const uint64_t *now, const uint64_t *was) noexcept nogil:
+    """Whether any of 8 words (a 64-byte block) differs: a branch-free OR of
+    XORs, which the compiler vectorises."""
+    cdef uint64_t diff = 0
+    cdef size_t j
+    for j in range(8):
+        diff |= now[j] ^ was[j]
+    return diff != 0
+
+
 cdef void compare_page(Comparison *c, uintptr_t page) noexcept nogil:
     """Judge every word of one written page, and bring its snapshot up to date."""
     cdef VerifierCore *v = c.v
     cdef const uint64_t *now = <const uint64_t *>page
     cdef uint64_t *was = <uint64_t *>(v.snapshot + (page - v.start))
-    cdef size_t i
+    cdef size_t block, i
     cdef uint64_t value
-    if memcmp(now, was, v.page_size) == 0:
-        return                        # written, but every word holds its old value
-    for i in range(v.page_size >> 3):
-        value = load_word(&now[i])
-        if value == was[i]:
-            continue
-        c.counts.words_changed += 1
-        if not card_marked(v.cards, page + (i << 3)):
-            c.counts.missed += 1
-            keep_missed(c.out, page + (i << 3), was[i], value)
-        was[i] = value
+    for block in range(0, v.page_size >> 3, 8):
+        if not block_changed(now + block, was + block):
+            continue                  # the common case: written elsewhere in the page
+        for i in range(block, block + 8):
+            value = load_word(&now[i])
+            if value == was[i]:
+                continue              # a store of the value it held is no change
+            c.counts.words_changed += 1
+            if not card_marked(v.cards, page + (i << 3)):
+                c.counts.missed += 1
+                keep_missed(c.out, page + (i << 3), was[i], value)
+            was[i] = value
 
 
 cdef int compare_regions(void *ctx, const gct_page_region *regions, size_t n) noexcept nogil:
