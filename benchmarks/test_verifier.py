@@ -14,6 +14,8 @@ from gctrack.testing import store_words
 
 SIZE = 256 * MiB
 FRACTIONS = [0.0, 0.01, 0.1]
+#: Every store writes a value the arena has never held, across tests.
+VALUES = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,6 @@ def test_check_against_collect(benchmark, arena, fraction, impl):
     benchmark.group = f"verify 256MiB {fraction:.1%} written"
     offsets = written_offsets(arena, fraction).astype(numpy.uint64) + 8
     cards = gctrack.CardTable.for_arena(arena, CARD_SIZE)
-    values = itertools.count(1)
     if impl == "pagemap_scan":
         tool = gctrack.Tracker(arena, backend="pagemap_scan")
         run = lambda: tool.collect(cards)              # noqa: E731
@@ -43,7 +44,7 @@ def test_check_against_collect(benchmark, arena, fraction, impl):
         run = tool.check
     with tool:
         def store():
-            store_words(arena, offsets, numpy.full(len(offsets), next(values), numpy.uint64),
+            store_words(arena, offsets, numpy.full(len(offsets), next(VALUES), numpy.uint64),
                         cards)
 
         result = benchmark.pedantic(run, setup=store, rounds=15, iterations=1, warmup_rounds=1)
