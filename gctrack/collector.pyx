@@ -329,7 +329,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
             rescan_dirty(h, &self.cards.bits, &self.stack)
             drain(h, &self.stack)
             t1 = now()
-            self.heap.verify_barriers_at_remark()    # debug aid, outside the pause
+            self.heap.verify_barriers_at_remark()    # a debug aid, not counted in remark_pause
         finally:
             self.heap.resume_world()
         self.check_stack()
