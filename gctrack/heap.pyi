@@ -7,6 +7,7 @@ from gctrack.verifier import BarrierVerifier
 
 HEADER_LIVE: int
 MISSED_SLOT_DTYPE: numpy.dtype
+ALL_RECORDS: int
 
 def checked_verify_mode(verify_barriers: bool | str | None, backend: object) -> str | None: ...
 
