@@ -8,12 +8,13 @@ from gctrack.capi import _C_API
 from gctrack.backends import AUTO_ORDER, BACKENDS
 from gctrack.cards import REGION_DTYPE, CardTable
 from gctrack.collector import Collector
-from gctrack.errors import HeapFullError, TrackerError, UnsupportedError
+from gctrack.errors import HeapFullError, MissedBarrierError, TrackerError, UnsupportedError
 from gctrack.heap import Heap
 from gctrack.mutator import NativeMutators
 from gctrack.probe import Features, Support, features
 from gctrack.stats import CycleStats, LoopStats, PassStats, PrecleanPass
 from gctrack.tracker import Tracker
+from gctrack.verifier import MISSED_DTYPE, BarrierReport, BarrierVerifier
 from gctrack.writewatch import WriteWatch
 
 __version__ = "0.1.0"
@@ -21,8 +22,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
+    "MISSED_DTYPE",
     "REGION_DTYPE",
     "Arena",
+    "BarrierReport",
+    "BarrierVerifier",
     "CardTable",
     "Collector",
     "CycleStats",
@@ -30,6 +34,7 @@ __all__ = [
     "Heap",
     "HeapFullError",
     "LoopStats",
+    "MissedBarrierError",
     "NativeMutators",
     "PassStats",
     "PrecleanPass",

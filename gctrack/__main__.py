@@ -1,4 +1,4 @@
-"""Command line: ``gctrack probe | demo | passes | bench`` (or ``python -m gctrack ...``)."""
+"""Command line: ``gctrack probe | demo | passes | verify-demo | bench`` (or ``python -m gctrack ...``)."""
 from __future__ import annotations
 
 import argparse
@@ -147,6 +147,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if totals["violations"] else 0
 
 
+def cmd_verify_demo(args: argparse.Namespace) -> int:
+    """A mutator with one deliberately missing barrier, found and reported."""
+    from gctrack.testing import store_words
+
+    rng = numpy.random.default_rng(args.seed)
+    with gctrack.Arena(args.size_mib * MiB) as arena:
+        arena.prefault()
+        cards = gctrack.CardTable.for_arena(arena, args.card_size)   # the runtime's card table
+        words = arena.size // 8
+        with gctrack.BarrierVerifier(arena, cards) as verifier:
+            print(f"gctrack verify-demo: {args.size_mib} MiB arena, {args.card_size} B cards, "
+                  f"{args.threads} native threads storing {args.stores:,} words a round, "
+                  "each followed by the card-marking barrier")
+            found_exactly = True
+            for number in range(1, args.rounds + 1):
+                offsets = rng.choice(words, args.stores, replace=False).astype(numpy.uint64) * 8
+                values = rng.integers(1, 2**63, args.stores, dtype=numpy.uint64)
+                store_words(arena, offsets, values, cards, threads=args.threads)
+                planted = None
+                if number == args.rounds:          # the bug: one store skips its barrier
+                    planted = int(rng.integers(0, words)) * 8
+                    while cards.is_dirty(arena.address + planted):
+                        planted = int(rng.integers(0, words)) * 8
+                    store_words(arena, [planted], [0xBAD])
+                report = verifier.check()          # at the safepoint: every thread has stopped
+                print(f"round {number}: {report.pages_written:,} pages written, "
+                      f"{report.words_changed:,} words changed, {report.missed_count} missed, "
+                      f"check {report.seconds * 1e3:.2f} ms")
+                for address, old, new in report.missed.tolist():
+                    print(f"  missed barrier: store to {address:#x} (arena offset "
+                          f"{address - arena.address:#x}, card "
+                          f"{(address - cards.base) // cards.card_size}): {old:#x} -> {new:#x}")
+                expected = [] if planted is None else [arena.address + planted]
+                found_exactly &= report.missed["address"].tolist() == expected
+    print("found exactly the planted miss" if found_exactly else "MISMATCH against the planted miss")
+    return 0 if found_exactly else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -226,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     passes.add_argument("--card-size", type=CARD_SIZE, default=512,
                         help="card size in bytes (default 512)")
     passes.set_defaults(run=cmd_passes)
+    verify = sub.add_parser("verify-demo", help="a missing write barrier, found by the kernel",
+                            description="Native threads store into an arena, each store followed "
+                                        "by a card-marking barrier; in the last round one store "
+                                        "skips it. A BarrierVerifier checks at every round's "
+                                        "safepoint and reports the store: address, old, new.")
+    verify.add_argument("--size-mib", type=POSITIVE, default=64, help="arena size (default 64)")
+    verify.add_argument("--card-size", type=CARD_SIZE, default=512,
+                        help="card size in bytes (default 512)")
+    verify.add_argument("--threads", type=POSITIVE, default=2, help="storing threads (default 2)")
+    verify.add_argument("--stores", type=POSITIVE, default=2000, help="stores a round (default 2000)")
+    verify.add_argument("--rounds", type=POSITIVE, default=3, help="rounds (default 3)")
+    verify.add_argument("--seed", type=int, default=14, help="random seed (default 14)")
+    verify.set_defaults(run=cmd_verify_demo)
     bench_parser = sub.add_parser(
         "bench", help="compare every backend: table, JSON, CSV, plots",
         description="Measure every backend's first-write cost and one collect + re-arm, against "

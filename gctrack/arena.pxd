@@ -13,6 +13,7 @@ cdef class Arena:
     cdef readonly bint closed
     cdef readonly bint huge_pages
     cdef public object armed_by      # name of the backend tracking it, or None
+    cdef public object verified_by   # a BarrierVerifier's pagemap_scan registration, or None
 
     cdef int map_aligned(self, size_t align) except -1
     cdef int advise(self) except -1

@@ -13,6 +13,7 @@ class Arena:
     closed: bool
     huge_pages: bool
     armed_by: str | None             #: the backend that tracks it, or None
+    verified_by: str | None          #: a BarrierVerifier's registration beside it, or None
     def __new__(cls, size: int, *, huge_pages: bool = False) -> Arena: ...
     @property
     def address(self) -> int: ...

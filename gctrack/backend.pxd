@@ -86,8 +86,9 @@ cdef class Backend:
     cdef readonly object arena       # None once closed
     cdef long owner_pid              # the process that armed it (threads live there)
     cdef public bint claimed         # a Tracker drives it (one at most)
+    cdef bint beside_software        # armed for a BarrierVerifier: arena.verified_by, not armed_by
     cdef int attach(self, object arena, BackendCore *core, const char *name,
-                    size_t granularity) except -1
+                    size_t granularity, bint beside_software=*) except -1
     cdef void detach(self) noexcept
     cdef void release(self) noexcept
     cdef bint forked(self) noexcept

@@ -2,6 +2,7 @@
 """The C API capsule ("gctrack._C_API"); the table is described in gctrack/gctrack.h."""
 from cpython.object cimport PyObject
 from cpython.pycapsule cimport PyCapsule_New
+from libc.errno cimport EINVAL
 from libc.stdint cimport uintptr_t
 
 from gctrack.arena cimport Arena
@@ -11,10 +12,14 @@ from gctrack.cards cimport (CardBits, CardTable, cards_clear, cards_mark_range,
 from gctrack.software cimport Barrier, SoftwareCore, software_core_of
 from gctrack.tracker cimport (Tracker, TrackerCore, tracker_begin_external, tracker_drain,
                               tracker_end_external, tracker_pass_into, tracker_record)
+from gctrack.verifier cimport (BarrierVerifier, MissedBuffer, MissedStore, VerifierCore,
+                               VerifyCounts, verifier_check)
 
 
 cdef extern from "gctrack/gctrack.h":
     ctypedef struct gct_tracker:
+        pass
+    ctypedef struct gct_verifier:
         pass
     ctypedef struct gct_capi:
         unsigned version
@@ -32,6 +37,10 @@ cdef extern from "gctrack/gctrack.h":
         int (*begin_external_write)(gct_tracker *, uintptr_t, uintptr_t) noexcept nogil
         int (*end_external_write)(gct_tracker *, uintptr_t, uintptr_t) noexcept nogil
         const Barrier *(*barrier_handle)(PyObject *) except NULL
+        object (*verifier_new)(PyObject *, PyObject *)
+        gct_verifier *(*verifier_handle)(PyObject *) except NULL
+        long (*verifier_check)(gct_verifier *, int, MissedStore *, size_t, VerifyCounts *) noexcept nogil
+        int (*verifier_close)(PyObject *) except -1
     unsigned GCTRACK_CAPI_VERSION
     const char *GCTRACK_CAPI_NAME
 
@@ -89,6 +98,40 @@ cdef void mark_range(CardBits *cards, uintptr_t start, uintptr_t end) noexcept n
     cards_mark_range(cards, start, end)
 
 
+cdef object verifier_new(PyObject *arena, PyObject *cards):
+    return BarrierVerifier(<object>arena, <object>cards)
+
+
+cdef gct_verifier *verifier_handle(PyObject *obj) except NULL:
+    cdef BarrierVerifier verifier = <BarrierVerifier?><object>obj
+    if verifier.closed:
+        raise ValueError("verifier is closed")
+    return <gct_verifier *>&verifier.core
+
+
+cdef long check_into(gct_verifier *v, int clear, MissedStore *missed, size_t capacity,
+                     VerifyCounts *counts) noexcept nogil:
+    """The C entry: the caller's array holds the first ``capacity`` records."""
+    cdef VerifyCounts ignored
+    cdef MissedBuffer out
+    if v == NULL or (missed == NULL and capacity):
+        return -EINVAL
+    if counts == NULL:
+        counts = &ignored
+    out.records = missed
+    out.length = 0
+    out.capacity = capacity
+    out.limit = capacity
+    out.growable = False
+    cdef int rc = verifier_check(<VerifierCore *>v, clear != 0, &out, counts)
+    return rc if rc else <long>counts.missed
+
+
+cdef int verifier_close(PyObject *obj) except -1:
+    (<BarrierVerifier?><object>obj).close()
+    return 0
+
+
 cdef gct_capi table
 table.version = GCTRACK_CAPI_VERSION
 table.size = sizeof(gct_capi)
@@ -105,5 +148,9 @@ table.clear_cards = cards_clear
 table.begin_external_write = begin_external_write
 table.end_external_write = end_external_write
 table.barrier_handle = barrier_handle
+table.verifier_new = verifier_new
+table.verifier_handle = verifier_handle
+table.verifier_check = check_into
+table.verifier_close = verifier_close
 
 _C_API = PyCapsule_New(&table, GCTRACK_CAPI_NAME, NULL)

@@ -201,6 +201,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
                                         &self.cards.bits, &counts)
         if rc:
             raise TrackerError(-rc, "tracking pass", "in the collector")
+        self.heap.note_dirty_cards(self.cards)
         return counts
 
     def collect(self, *, concurrent=True, max_preclean=3, after_phase=None):
@@ -328,6 +329,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
             rescan_dirty(h, &self.cards.bits, &self.stack)
             drain(h, &self.stack)
             t1 = now()
+            self.heap.verify_barriers_at_remark()    # a debug aid, not counted in remark_pause
         finally:
             self.heap.resume_world()
         self.check_stack()

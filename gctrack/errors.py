@@ -53,3 +53,20 @@ def userfaultfd_unsupported(mechanism: str, call: str, err: int) -> TrackerError
 
 class HeapFullError(MemoryError):
     """Heap.alloc() found no free object: collect, or make the heap larger."""
+
+
+class MissedBarrierError(RuntimeError):
+    """A Heap built with ``verify_barriers=True`` found stores that skipped
+    the write barrier, at a remark. The cycle is abandoned before its sweep,
+    since the marker may have missed what those stores linked.
+
+    ``missed`` is a structured array with the fields ``object`` (index),
+    ``slot`` (reference slot), ``address``, ``old`` and ``new``.
+    """
+
+    def __init__(self, missed) -> None:
+        shown = "; ".join(f"object {int(r['object'])} slot {int(r['slot'])}: "
+                          f"{int(r['old']):#x} -> {int(r['new']):#x}" for r in missed[:3])
+        more = f"; and {len(missed) - 3} more" if len(missed) > 3 else ""
+        super().__init__(f"{len(missed)} stores skipped the write barrier: {shown}{more}")
+        self.missed = missed

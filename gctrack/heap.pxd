@@ -18,6 +18,7 @@ are plain moves.
 """
 from libc.stdint cimport uint64_t, uintptr_t
 from gctrack.arena cimport Arena
+from gctrack.cards cimport CardTable
 from gctrack.software cimport SoftwareCore
 from gctrack.tracker cimport Tracker
 from gctrack.threads cimport pthread_mutex_t, pthread_cond_t
@@ -90,6 +91,12 @@ cdef class Heap:
     cdef bint closed_by_user                             # close() was called
     cdef long owner_pid                                  # the process whose threads use the safepoint
     cdef public bint collecting                          # a Collector cycle is running
+    # verify_barriers: a BarrierVerifier judged against every card the
+    # collector's passes reported since its last check (at each remark)
+    cdef readonly object verifier                        # or None
+    cdef CardTable barrier_cards
+    cdef str verify_mode                                 # "raise" or "record"
+    cdef list missed_batches
 
     cdef int check_open(self) except -1
     cdef uintptr_t checked_object(self, object obj, str what) except 0
@@ -98,3 +105,6 @@ cdef class Heap:
     cdef void release_root_run(self, size_t first, size_t count) noexcept
     cdef int stop_world(self) except -1
     cdef void resume_world(self) noexcept
+    cdef int arm_verifier(self) except -1
+    cdef int note_dirty_cards(self, CardTable cards) except -1
+    cdef int verify_barriers_at_remark(self) except -1

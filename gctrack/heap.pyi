@@ -3,8 +3,13 @@ import numpy.typing as npt
 
 from gctrack.arena import Arena
 from gctrack.tracker import Tracker
+from gctrack.verifier import BarrierVerifier
 
 HEADER_LIVE: int
+MISSED_SLOT_DTYPE: numpy.dtype
+ALL_RECORDS: int
+
+def checked_verify_mode(verify_barriers: bool | str | None, backend: object) -> str | None: ...
 
 class Heap:
     """Fixed-size objects with reference slots in a tracked arena."""
@@ -14,8 +19,18 @@ class Heap:
     card_size: int
     reserved_roots: npt.NDArray[numpy.bool_]
     collecting: bool
+    verifier: BarrierVerifier | None
     def __new__(cls, size: int, *, object_size: int = 64, backend: str = "auto",
-                card_size: int = 512, max_roots: int = 1024) -> Heap: ...
+                card_size: int = 512, max_roots: int = 1024,
+                verify_barriers: bool | str = False) -> Heap: ...
+    @property
+    def verify_barriers(self) -> str | bool:
+        """"raise", "record", or False."""
+        ...
+    @property
+    def missed_barriers(self) -> npt.NDArray[numpy.void]:
+        """Every missed barrier recorded (verify_barriers="record")."""
+        ...
     @property
     def object_size(self) -> int: ...
     @property

@@ -11,7 +11,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from posix.unistd cimport getpid
 
 from gctrack.arena cimport Arena
-from gctrack.cards cimport CardTable
+from gctrack.cards cimport CardTable, cards_or
 from gctrack.dirtymap cimport gct_bits_set
 from gctrack.software cimport software_core_of, software_write_barrier
 from gctrack.tracker cimport Tracker
@@ -21,13 +21,20 @@ from gctrack.threads cimport (pthread_mutex_init, pthread_mutex_destroy, pthread
                               pthread_condattr_t, pthread_condattr_init,
                               pthread_condattr_setclock, pthread_condattr_destroy)
 
-from gctrack.errors import HeapFullError
+from gctrack.errors import HeapFullError, MissedBarrierError
+from gctrack.verifier import BarrierVerifier
 
 cdef enum:
     LIVE = 1
 
 #: The header word of an allocated object (a free object's header is 0).
 HEADER_LIVE = LIVE
+
+#: A missed barrier in heap terms (Heap.missed_barriers, MissedBarrierError.missed).
+MISSED_SLOT_DTYPE = numpy.dtype([("object", "<i8"), ("slot", "<i8"), ("address", "<u8"),
+                                 ("old", "<u8"), ("new", "<u8")])
+
+ALL_RECORDS = 2**62 - 1
 
 # How long a stopper waits without the GIL before it checks for signals.
 cdef long long STOP_WAIT_SLICE_NS = 50 * 1000 * 1000
@@ -168,20 +175,40 @@ cdef void safepoint_wake_parked(Safepoint *sp) noexcept nogil:
     pthread_mutex_unlock(&sp.lock)
 
 
+def checked_verify_mode(verify_barriers, backend):
+    """None (off), "raise" or "record", from Heap's verify_barriers."""
+    if verify_barriers is False or verify_barriers is None:
+        return None
+    mode = "raise" if verify_barriers is True else verify_barriers
+    if mode not in ("raise", "record"):
+        raise ValueError(f'verify_barriers must be False, True, "raise" or "record", '
+                         f"got {verify_barriers!r}")
+    if getattr(backend, "name", backend) != "software":
+        raise ValueError(f"verify_barriers needs backend='software', not {backend!r}: "
+                         "the kernel backends see every store without a barrier")
+    return mode
+
+
 # ---- the Python face ------------------------------------------------------------------
 
 cdef class Heap:
-    """Heap(size, *, object_size=64, backend='auto', card_size=512, max_roots=1024)
+    """Heap(size, *, object_size=64, backend='auto', card_size=512, max_roots=1024, verify_barriers=False)
 --
 
 Fixed-size objects in a tracked Arena; see heap.pxd for the layout.
 
     Hold the objects you use through roots: like any collector, this one
-    frees whatever the roots cannot reach. After ``close()`` (or once its
+    frees whatever the roots cannot reach. ``verify_barriers`` (True or
+    "raise", or "record"; backend "software" only) checks the write barrier
+    at every remark with a BarrierVerifier: "raise" raises
+    MissedBarrierError and abandons the cycle before its sweep, "record"
+    appends to ``missed_barriers``. After ``close()`` (or once its
     tracker or arena is closed) every method raises ValueError.
     """
 
-    def __cinit__(self, size, *, object_size=64, backend="auto", card_size=512, max_roots=1024):
+    def __cinit__(self, size, *, object_size=64, backend="auto", card_size=512, max_roots=1024,
+                  verify_barriers=False):
+        self.verify_mode = checked_verify_mode(verify_barriers, backend)
         object_size = operator.index(object_size)
         if object_size < 16 or object_size & (object_size - 1):
             raise ValueError(f"object_size must be a power of two >= 16, got {object_size}")
@@ -225,6 +252,66 @@ Fixed-size objects in a tracked Arena; see heap.pxd for the layout.
         pthread_condattr_destroy(&monotonic)
         pthread_cond_init(&h.safepoint.resumed, NULL)
         self.ready = True
+        self.missed_batches = []
+        if self.verify_mode is not None:
+            self.arm_verifier()
+
+    cdef int arm_verifier(self) except -1:
+        """The verifier of verify_barriers; on failure the heap lets go of its tracker."""
+        try:
+            self.barrier_cards = CardTable.for_arena(self.arena, self.card_size)
+            self.verifier = BarrierVerifier(self.arena, self.barrier_cards)
+        except BaseException:
+            self.tracker.release_reservation()
+            self.tracker.close()
+            raise
+        return 0
+
+    cdef int note_dirty_cards(self, CardTable cards) except -1:
+        """The collector reports each pass's cards: what the barrier marked."""
+        if self.verifier is not None:
+            cards_or(&self.barrier_cards.bits, &cards.bits)
+        return 0
+
+    cdef int verify_barriers_at_remark(self) except -1:
+        """With the world stopped: judge the stores since the last remark.
+        Headers (written by allocation and the sweep) and stores of 0 (which
+        cannot hide an object from the marker) need no barrier here."""
+        if self.verifier is None:
+            return 0
+        # Every record is kept: allocation and the sweep change headers
+        # without a barrier, and a capped report could crowd out real misses.
+        report = self.verifier.check(clear=True, max_missed=ALL_RECORDS)
+        if report:
+            return 0
+        missed = report.missed
+        offset = missed["address"] - numpy.uint64(self.core.base)
+        word = (offset & numpy.uint64(self.core.object_size - 1)) >> numpy.uint64(3)
+        keep = (word != 0) & (missed["new"] != 0)
+        slots = numpy.empty(int(keep.sum()), dtype=MISSED_SLOT_DTYPE)
+        slots["object"] = offset[keep] >> numpy.uint64(self.core.object_shift)
+        slots["slot"] = word[keep].astype(numpy.int64) - 1
+        for field in ("address", "old", "new"):
+            slots[field] = missed[field][keep]
+        if slots.size == 0:
+            return 0
+        if self.verify_mode == "record":
+            self.missed_batches.append(slots)
+            return 0
+        raise MissedBarrierError(slots)
+
+    @property
+    def verify_barriers(self):
+        """"raise", "record", or False (see Heap)."""
+        return self.verify_mode or False
+
+    @property
+    def missed_barriers(self):
+        """Every missed barrier recorded (verify_barriers="record"), as a
+        MISSED_SLOT_DTYPE array in the order found."""
+        if not self.missed_batches:
+            return numpy.empty(0, dtype=MISSED_SLOT_DTYPE)
+        return numpy.concatenate(self.missed_batches)
 
     def __dealloc__(self):
         if self.ready:
@@ -420,6 +507,8 @@ Fixed-size objects in a tracked Arena; see heap.pxd for the layout.
                 getpid() == self.owner_pid and gct_load_int(&self.core.safepoint.mutators)):
             raise RuntimeError("native mutators or a collection still use this heap: stop them first")
         self.closed_by_user = True
+        if self.verifier is not None:
+            self.verifier.close()
         self.tracker.release_reservation()     # the heap lets go of its tracker
         self.tracker.close()
         self.arena.close()

@@ -172,7 +172,7 @@ def checked_vector_len(vector_len):
 
 
 cdef class PagemapScanBackend(Backend):
-    """PagemapScanBackend(arena, vector_len=4096)
+    """PagemapScanBackend(arena, vector_len=4096, *, beside_software=False)
 --
 
 userfaultfd(WP_ASYNC) registration of an arena, scanned with PAGEMAP_SCAN.
@@ -180,15 +180,18 @@ userfaultfd(WP_ASYNC) registration of an arena, scanned with PAGEMAP_SCAN.
     Arming proves the mechanism: UnsupportedError, with the reason, where
     userfaultfd, WP_ASYNC or PAGEMAP_SCAN is missing or denied. Process-wide
     side effects: none (two descriptors, both close-on-exec).
+    ``beside_software`` arms it for a BarrierVerifier: beside a software
+    tracker of the same arena (see Backend.attach).
     """
     cdef PagemapScanCore c
     cdef bint registered
 
-    def __cinit__(self, Arena arena not None, vector_len=DEFAULT_VECTOR_LEN):
+    def __cinit__(self, Arena arena not None, vector_len=DEFAULT_VECTOR_LEN, *,
+                  beside_software=False):
         vector_len = checked_vector_len(vector_len)
         self.c.uffd = -1
         self.c.pagemap_fd = -1
-        self.attach(arena, &self.c.base, b"pagemap_scan", arena.page_size)
+        self.attach(arena, &self.c.base, b"pagemap_scan", arena.page_size, bool(beside_software))
         self.c.base.run_pass = scan_pass
         self.c.base.rearm = rearm_range
         self.c.base.record = touch_pages

@@ -3,9 +3,13 @@ from typing import Any, Sequence
 import numpy.typing as npt
 
 from gctrack.arena import Arena
+from gctrack.cards import CardTable
 from gctrack.tracker import Tracker
 
 def store_bytes(arena: Arena, offsets: npt.ArrayLike, tracker: Tracker | None = None) -> None: ...
+
+def store_words(arena: Arena, offsets: npt.ArrayLike, values: npt.ArrayLike,
+                cards: CardTable | None = None, *, threads: int = 1) -> None: ...
 
 class NativeWriters:
     """pthreads storing one byte at each offset, without the GIL."""

@@ -12,6 +12,7 @@ from libc.stdlib cimport calloc, free
 from posix.unistd cimport getpid
 
 from gctrack.arena cimport Arena
+from gctrack.cards cimport CardTable
 from gctrack.software cimport SoftwareBackend, SoftwareCore, software_write_barrier
 from gctrack.tracker cimport Tracker
 from gctrack.threads cimport pthread_t, pthread_create, pthread_join
@@ -29,11 +30,13 @@ cdef extern from *:
     static inline int gct_load_acquire(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void gct_store_release(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline void gct_increment(int *p) { __atomic_add_fetch(p, 1, __ATOMIC_RELEASE); }
+    static inline void gct_store_word(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
     """
     void gct_cpu_relax() nogil
     int gct_load_acquire(const int *p) nogil
     void gct_store_release(int *p, int v) nogil
     void gct_increment(int *p) nogil
+    void gct_store_word(uint64_t *p, uint64_t v) nogil
 
 
 ctypedef struct WriterJob:
@@ -89,6 +92,100 @@ def store_bytes(Arena arena not None, offsets, Tracker tracker=None):
                     software_write_barrier(barrier, <uintptr_t>base + offs[i])
     finally:
         arena.unpin()
+
+
+cdef extern from "gctrack/gctrack.h" nogil:
+    ctypedef struct CardBarrier "gct_barrier":
+        uint64_t *words
+        uintptr_t base
+        size_t size
+        unsigned card_shift
+    int card_barrier_mark "gct_barrier_mark"(const CardBarrier *b, uintptr_t addr)
+
+
+ctypedef struct WordJob:
+    uintptr_t base
+    const uint64_t *offsets
+    const uint64_t *values
+    size_t first             # this thread stores items first, first + step, ...
+    size_t step
+    size_t count
+    const CardBarrier *barrier   # NULL: no barrier
+
+
+cdef void store_word_share(WordJob *job) noexcept nogil:
+    cdef size_t i = job.first
+    cdef uintptr_t addr
+    while i < job.count:
+        addr = job.base + job.offsets[i]
+        gct_store_word(<uint64_t *>addr, job.values[i])
+        if job.barrier != NULL:
+            card_barrier_mark(job.barrier, addr)      # after the store, atomically
+        i += job.step
+
+
+cdef void *word_writer_main(void *arg) noexcept nogil:
+    store_word_share(<WordJob *>arg)
+    return NULL
+
+
+def store_words(Arena arena not None, offsets, values, CardTable cards=None, *, threads=1):
+    """Store ``values[i]`` (uint64) at byte offset ``offsets[i]`` (8-aligned)
+    of the arena, without the GIL, from ``threads`` pthreads (item i goes to
+    thread i % threads, which stores its items in order).
+
+    With ``cards``, each store is followed by a runtime's card-marking
+    barrier into that table: an atomic OR of the card's bit, as compiled
+    code would do it (gct_barrier_mark). Without, the stores skip it. Returns
+    once every thread has finished.
+    """
+    cdef const uint64_t[::1] offs = numpy.ascontiguousarray(offsets, dtype=numpy.uint64)
+    cdef const uint64_t[::1] vals = numpy.ascontiguousarray(values, dtype=numpy.uint64)
+    threads = int(threads)
+    if not 1 <= threads <= 64:
+        raise ValueError(f"threads must be in 1..64, got {threads}")
+    if offs.shape[0] != vals.shape[0]:
+        raise ValueError(f"{offs.shape[0]} offsets but {vals.shape[0]} values")
+    arena.check_open()
+    if offs.shape[0] and (int(numpy.asarray(offs).max()) > arena.size - 8
+                          or (numpy.asarray(offs) % 8).any()):
+        raise ValueError(f"offsets must be 8-aligned and inside the arena of {arena.size} bytes")
+    cdef CardBarrier barrier
+    if cards is not None:
+        cards.check_covers(<uintptr_t>arena.base, arena.size)
+        barrier.words = cards.bits.words
+        barrier.base = cards.bits.base
+        barrier.size = cards.bits.size
+        barrier.card_shift = cards.bits.card_shift
+    cdef WordJob jobs[64]
+    cdef pthread_t ids[64]
+    cdef size_t k, n = threads, started = 0
+    for k in range(n):
+        jobs[k].base = <uintptr_t>arena.base
+        jobs[k].offsets = &offs[0] if offs.shape[0] else NULL
+        jobs[k].values = &vals[0] if vals.shape[0] else NULL
+        jobs[k].first = k
+        jobs[k].step = n
+        jobs[k].count = offs.shape[0]
+        jobs[k].barrier = &barrier if cards is not None else NULL
+    cdef int rc = 0
+    arena.pin()                          # stays mapped even if closed meanwhile
+    try:
+        with nogil:
+            if n == 1:
+                store_word_share(&jobs[0])
+            else:
+                for k in range(n):
+                    rc = pthread_create(&ids[k], NULL, word_writer_main, &jobs[k])
+                    if rc:
+                        break
+                    started += 1
+                for k in range(started):
+                    pthread_join(ids[k], NULL)
+    finally:
+        arena.unpin()
+    if rc:
+        raise TrackerError(rc, "pthread_create")
 
 
 @cython.no_gc_clear       # the threads use the arena (pinned) until __dealloc__ has joined them

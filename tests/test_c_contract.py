@@ -34,6 +34,16 @@ class Barrier(ctypes.Structure):
                 ("size", ctypes.c_size_t), ("card_shift", ctypes.c_uint)]
 
 
+class MissedStore(ctypes.Structure):
+    _fields_ = [("address", ctypes.c_uint64), ("old", ctypes.c_uint64),
+                ("new_value", ctypes.c_uint64)]
+
+
+class VerifyCounts(ctypes.Structure):
+    _fields_ = [("pages_written", ctypes.c_uint64), ("words_changed", ctypes.c_uint64),
+                ("missed", ctypes.c_uint64), ("seconds", ctypes.c_double)]
+
+
 RANGE_CALL = NOGIL(ctypes.c_int, c_ptr, ctypes.c_size_t, ctypes.c_size_t)
 
 
@@ -54,6 +64,11 @@ class CApi(ctypes.Structure):
         ("begin_external_write", RANGE_CALL),
         ("end_external_write", RANGE_CALL),
         ("barrier_handle", WITH_GIL(ctypes.POINTER(Barrier), ctypes.py_object)),
+        ("verifier_new", WITH_GIL(ctypes.py_object, ctypes.py_object, ctypes.py_object)),
+        ("verifier_handle", WITH_GIL(c_ptr, ctypes.py_object)),
+        ("verifier_check", NOGIL(ctypes.c_long, c_ptr, ctypes.c_int, ctypes.POINTER(MissedStore),
+                                 ctypes.c_size_t, ctypes.POINTER(VerifyCounts))),
+        ("verifier_close", WITH_GIL(ctypes.c_int, ctypes.py_object)),
     ]
 
 
@@ -170,3 +185,86 @@ def test_only_a_software_tracker_has_a_barrier(api, arena, backend):
             api.barrier_handle(tracker)
     with pytest.raises(TypeError):
         api.barrier_handle(arena)
+
+
+def test_the_missed_store_struct_is_missed_dtype():
+    assert ctypes.sizeof(MissedStore) == gctrack.MISSED_DTYPE.itemsize == 24
+    assert [gctrack.MISSED_DTYPE.fields[f][1] for f in ("address", "old", "new")] == [
+        MissedStore.address.offset, MissedStore.old.offset, MissedStore.new_value.offset]
+
+
+def test_a_verifier_from_c_create_check_close(api, arena):
+    """Created, checked into a caller's fixed array, and closed through the
+    table: the first `capacity` misses in address order, all of them counted."""
+    require("pagemap_scan")
+    from gctrack.testing import store_words
+    cards = gctrack.CardTable.for_arena(arena, 64)
+    verifier = api.verifier_new(arena, cards)
+    assert isinstance(verifier, gctrack.BarrierVerifier)
+    v = api.verifier_handle(verifier)
+    offsets = numpy.arange(5, dtype=numpy.uint64) * 256
+    store_words(arena, offsets, offsets + 7)
+    store_words(arena, [8], [1], cards)                     # marks card 0: word 0 is no miss
+    records = (MissedStore * 2)()
+    counts = VerifyCounts()
+    assert api.verifier_check(v, 1, records, 2, ctypes.byref(counts)) == 4
+    assert [(r.address - arena.address, r.old, r.new_value) for r in records] == [
+        (256, 0, 263), (512, 0, 519)]
+    assert (counts.pages_written, counts.words_changed, counts.missed) == (1, 6, 4)
+    assert cards.count() == 0, "clear != 0 clears the cards"
+    assert api.verifier_check(v, 0, None, 0, None) == 0      # NULL records and counts
+    assert api.verifier_check(None, 1, None, 0, None) == -errno.EINVAL
+    assert api.verifier_check(v, 1, None, 1, None) == -errno.EINVAL
+    assert api.verifier_close(verifier) == 0 and verifier.closed
+    assert api.verifier_check(v, 1, None, 0, None) == -errno.EBADF
+    with pytest.raises(ValueError, match="closed"):
+        api.verifier_handle(verifier)
+    with pytest.raises(ValueError, match="outside"):
+        api.verifier_new(arena, gctrack.CardTable(arena.address, 64, 64))
+    with pytest.raises(TypeError):
+        api.verifier_handle(arena)
+    with pytest.raises(TypeError):
+        api.verifier_close(cards)
+
+
+def test_closing_a_verifier_beside_a_c_check_loop_crashes_nothing():
+    """In a subprocess: a thread checks through the C entry without the GIL,
+    in a loop, while the main thread closes the verifier; every call returns
+    a count or -EBADF."""
+    require("pagemap_scan")
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import ctypes, errno, threading, numpy, gctrack
+        from test_c_contract import CApi, VerifyCounts
+        get = ctypes.pythonapi.PyCapsule_GetPointer
+        get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        api = CApi.from_address(get(gctrack._C_API, b"gctrack._C_API"))
+        arena = gctrack.Arena(8 << 20)
+        cards = gctrack.CardTable.for_arena(arena)
+        verifier = gctrack.BarrierVerifier(arena, cards)
+        v = api.verifier_handle(verifier)
+        results = set()
+        def loop():
+            view = numpy.asarray(arena)
+            for i in range(3000):
+                view[(i * 4096) % arena.size] += 1
+                rc = api.verifier_check(v, 1, None, 0, None)
+                results.add(rc if rc < 0 else 0)
+        t = threading.Thread(target=loop)
+        t.start()
+        while not results:
+            pass
+        verifier.close()
+        t.join()
+        assert results <= {0, -errno.EBADF}, results
+        assert -errno.EBADF in results
+        print("ok")
+    """)
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=here, env=env)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr

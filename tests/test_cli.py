@@ -8,6 +8,7 @@ import time
 import pytest
 
 import gctrack
+from conftest import require
 
 
 def run(*args, timeout=300):
@@ -30,6 +31,16 @@ def test_passes_are_exact():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("gctrack passes:")
     assert " NO" not in done.stdout and "0 missing" in done.stdout
+
+
+def test_verify_demo_finds_exactly_the_planted_miss():
+    require("pagemap_scan")
+    done = run("verify-demo", "--size-mib", "8", "--rounds", "2")
+    assert done.returncode == 0, done.stderr
+    rounds = [line for line in done.stdout.splitlines() if line.startswith("round ")]
+    assert [r.split(", ")[2] for r in rounds] == ["0 missed", "1 missed"], done.stdout
+    assert done.stdout.count("missed barrier: store to 0x") == 1
+    assert "-> 0xbad" in done.stdout and "found exactly the planted miss" in done.stdout
 
 
 @pytest.mark.parametrize("size_mib", ["1", "4", "7"])

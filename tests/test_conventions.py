@@ -13,6 +13,9 @@ def test_every_public_object_has_a_repr_that_says_what_it_is(arena):
             "NativeMutators": repr(mutators),
             "WriteWatch": repr(watch),
         }
+        with gctrack.Arena(1 << 16) as other:
+            shown["BarrierVerifier"] = repr(gctrack.BarrierVerifier(
+                other, gctrack.CardTable.for_arena(other)))
         for name, text in shown.items():
             assert text.startswith(f"<gctrack.{name} ") and " object at 0x" not in text, text
         assert "2 threads" in shown["NativeMutators"] and "stopped" in shown["NativeMutators"]
@@ -28,7 +31,9 @@ def test_constructors_have_signatures():
         gctrack.Arena: ["size", "huge_pages"],
         gctrack.CardTable: ["base", "size", "card_size"],
         gctrack.Tracker: ["arena", "backend", "vector_len"],
-        gctrack.Heap: ["size", "object_size", "backend", "card_size", "max_roots"],
+        gctrack.Heap: ["size", "object_size", "backend", "card_size", "max_roots",
+                       "verify_barriers"],
+        gctrack.BarrierVerifier: ["arena", "cards"],
         gctrack.Collector: ["heap"],
         gctrack.NativeMutators: ["heap", "threads", "rate", "roots_per_thread", "seed"],
     }

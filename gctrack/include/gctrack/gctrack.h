@@ -23,6 +23,7 @@
  *   (on mprotect and uffd_sync they wait for a running pass); close() waits
  *   for those already inside the backend, and for a running pass. The card
  *   functions take no lock: two threads must not mark one card table at once.
+ * - The verifier's check is also called without the GIL; see its entry.
  * - Tracker calls return 0 or a negative errno, with the Python API's
  *   guards: -EINVAL for a NULL tracker or cards, a card table that does not
  *   cover the tracker's whole arena (a pass re-arms every page it reports,
@@ -98,6 +99,27 @@ static inline int gct_barrier_mark(const gct_barrier *b, uintptr_t addr)
     return 1;
 }
 
+/* BarrierVerifier: one store that changed a word of the arena on a card
+ * the runtime's barrier did not mark (a missed barrier). 8-byte-aligned
+ * `address`; `old` is the word at the previous check (or at construction),
+ * `new_value` its value now. A stable layout: gctrack.MISSED_DTYPE, whose
+ * fields are address, old and new. */
+typedef struct gct_missed_store {
+    uint64_t address;
+    uint64_t old;
+    uint64_t new_value;
+} gct_missed_store;
+
+/* What one verifier check compared and found. */
+typedef struct gct_verify_counts {
+    uint64_t pages_written;  /* pages the kernel reported written, compared */
+    uint64_t words_changed;  /* 8-byte words whose value differs from the snapshot */
+    uint64_t missed;         /* of those, on unmarked cards: all of them, even past capacity */
+    double seconds;          /* wall time of the check */
+} gct_verify_counts;
+
+typedef struct gct_verifier gct_verifier;   /* opaque */
+
 #define GCTRACK_CAPI_NAME "gctrack._C_API"
 #define GCTRACK_CAPI_VERSION 1u
 
@@ -127,6 +149,29 @@ typedef struct gct_capi {
     /* With the GIL: the barrier of a software-backend tracker; NULL with
      * TypeError set for another backend, ValueError once closed. */
     const gct_barrier *(*barrier_handle)(PyObject *tracker);
+
+    /* Appended in 0.3: gctrack.BarrierVerifier.
+     * verifier_new (with the GIL): a new reference to BarrierVerifier(arena,
+     * card_table); NULL with the exception set (UnsupportedError where
+     * pagemap_scan is missing, ValueError for a table that does not cover
+     * the arena). verifier_handle (with the GIL): its borrowed C handle;
+     * NULL with ValueError once closed. verifier_close (with the GIL): 0, or
+     * -1 with an exception set; idempotent. The object also closes when its
+     * last reference goes.
+     * verifier_check (without the GIL, at a safepoint: no mutator storing):
+     * compare every word of the pages written since the last check, write
+     * the first `capacity` missed stores, in address order, to `missed`
+     * (NULL when capacity is 0), fill `counts` (may be NULL), clear the
+     * arena's cards when `clear` is non-zero, re-arm. Returns the number of
+     * missed stores (counts->missed, which may exceed capacity) or -errno:
+     * -EINVAL (NULL verifier, or NULL missed with capacity > 0), -EBADF
+     * (closed), -ECHILD (forked child), or the kernel's PAGEMAP_SCAN error.
+     * Checks of one verifier are serialised; close() waits for a running one. */
+    PyObject *(*verifier_new)(PyObject *arena, PyObject *card_table);
+    gct_verifier *(*verifier_handle)(PyObject *verifier);
+    long (*verifier_check)(gct_verifier *verifier, int clear, gct_missed_store *missed,
+                           size_t capacity, gct_verify_counts *counts);
+    int (*verifier_close)(PyObject *verifier);
 } gct_capi;
 
 /* Import the table (with the GIL); NULL with ImportError set on a mismatch. */
