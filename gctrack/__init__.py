@@ -12,8 +12,8 @@ from gctrack.errors import HeapFullError, TrackerError, UnsupportedError
 from gctrack.heap import Heap
 from gctrack.mutator import NativeMutators
 from gctrack.probe import Features, Support, features
-from gctrack.stats import CycleStats, LoopStats, PassStats, PrecleanPass
-from gctrack.tracker import Tracker
+from gctrack.stats import CycleStats, LoopStats, PrecleanPass
+from gctrack.tracker import PassStats, Tracker
 from gctrack.writewatch import WriteWatch
 
 __version__ = "0.1.0"

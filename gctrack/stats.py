@@ -1,17 +1,11 @@
-"""Plain records that gctrack's passes return."""
+"""Plain records that gctrack's loop and collector return.
+
+PassStats, which every pass returns, is a C-level record in gctrack.tracker:
+it is built on the hot path.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class PassStats:
-    """One pass: what it reported and what it cost."""
-
-    regions: int   #: runs of consecutive written pages reported
-    pages: int     #: pages reported
-    calls: int     #: kernel calls the pass made (more than 1 when the vector filled)
-    seconds: float  #: wall time of the pass, lock held
 
 
 @dataclass(frozen=True)

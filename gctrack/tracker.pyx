@@ -34,7 +34,7 @@ from gctrack.threads cimport (pthread_condattr_t, pthread_create, pthread_join,
 from gctrack import backends
 from gctrack.cards import REGION_DTYPE
 from gctrack.errors import TrackerError
-from gctrack.stats import LoopStats, PassStats
+from gctrack.stats import LoopStats
 
 
 cdef extern from *:
@@ -326,9 +326,54 @@ cdef void *pass_loop(void *arg) noexcept nogil:
 
 # ---- the Python face --------------------------------------------------------
 
-def _pass_stats(PassCounts counts):
-    return PassStats(regions=counts.regions, pages=counts.pages, calls=counts.calls,
-                     seconds=counts.seconds)
+cdef class PassStats:
+    """PassStats(regions, pages, calls, seconds)
+--
+
+One pass: what it reported and what it cost. Immutable.
+
+    A C-level record rather than a dataclass: collect() returns one per pass,
+    and building a frozen dataclass cost more than a clean pass of a small
+    arena.
+    """
+    cdef readonly uint64_t regions    # runs of consecutive written pages reported
+    cdef readonly uint64_t pages      # pages reported
+    cdef readonly uint64_t calls      # kernel calls the pass made (> 1 when the vector filled)
+    cdef readonly double seconds      # wall time of the pass, lock held
+
+    def __init__(self, regions, pages, calls, seconds):
+        self.regions = regions
+        self.pages = pages
+        self.calls = calls
+        self.seconds = seconds
+
+    def astuple(self):
+        return (self.regions, self.pages, self.calls, self.seconds)
+
+    def __eq__(self, other):
+        if not isinstance(other, PassStats):
+            return NotImplemented
+        return self.astuple() == (<PassStats>other).astuple()
+
+    def __hash__(self):
+        return hash(self.astuple())
+
+    def __reduce__(self):
+        return PassStats, self.astuple()
+
+    def __repr__(self):
+        return (f"PassStats(regions={self.regions}, pages={self.pages}, calls={self.calls}, "
+                f"seconds={self.seconds!r})")
+
+
+cdef PassStats _pass_stats(const PassCounts *counts):
+    """Built without calling __init__: tp_new and four C stores."""
+    cdef PassStats stats = PassStats.__new__(PassStats)
+    stats.regions = counts.regions
+    stats.pages = counts.pages
+    stats.calls = counts.calls
+    stats.seconds = counts.seconds
+    return stats
 
 
 cdef class Tracker:
@@ -454,7 +499,7 @@ Tracks which pages of an arena are written, through one backend.
         with nogil:
             rc = tracker_pass_into(&self.core, bits, rearm, 0, &counts)
         self.raise_for(rc)
-        return _pass_stats(counts)
+        return _pass_stats(&counts)
 
     def scan(self, *, reset=True, max_pages=0, addr=None, size=None):
         """One pass returning the raw regions as a REGION_DTYPE array, ascending.
@@ -680,7 +725,7 @@ Tracks which pages of an arena are written, through one backend.
             rc = tracker_drain(&self.core, bits, &counts)
         self.raise_for(rc)
         self.raise_loop_error()
-        return _pass_stats(counts)
+        return _pass_stats(&counts)
 
     cdef int raise_for(self, int rc) except -1:
         """Raise the error a C-level call returned, if any."""
