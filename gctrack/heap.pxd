@@ -55,6 +55,7 @@ ctypedef struct HeapCore:
     uint64_t *marks                 # one mark bit per object (atomic)
     uint64_t *free_list             # indices of free objects (a stack)
     size_t free_count
+    size_t high_water               # objects ever allocated lie below it (atomic; never shrinks)
     pthread_mutex_t alloc_lock      # guards free_list and allocate_marked
     bint allocate_marked            # a cycle is on: new objects are born marked
     uint64_t *roots                 # root slots: an object address, or 0
@@ -64,6 +65,9 @@ ctypedef struct HeapCore:
 
 
 cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil
+# The end of the allocated extent, page-aligned: no object was ever allocated
+# past it, so the collector's passes need not walk further (see heap_extent_end).
+cdef uintptr_t heap_extent_end(const HeapCore *h, size_t align) noexcept nogil
 cdef bint heap_is_object(const HeapCore *h, uintptr_t addr) noexcept nogil
 cdef void heap_store(HeapCore *h, uintptr_t obj, size_t slot, uintptr_t target) noexcept nogil
 

@@ -38,10 +38,14 @@ cdef extern from *:
     static inline int gct_load_int(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void gct_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline void gct_increment_int(int *p) { __atomic_add_fetch(p, 1, __ATOMIC_RELEASE); }
+    static inline size_t gct_load_size(const size_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void gct_store_size(size_t *p, size_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     """
     int gct_load_int(const int *p) nogil
     void gct_store_int(int *p, int v) nogil
     void gct_increment_int(int *p) nogil
+    size_t gct_load_size(const size_t *p) nogil
+    void gct_store_size(size_t *p, size_t v) nogil
 
 
 # ---- allocation and stores ----------------------------------------------------
@@ -56,6 +60,8 @@ cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil:
         return 0
     h.free_count -= 1
     index = h.free_list[h.free_count]
+    if index >= h.high_water:
+        gct_store_size(&h.high_water, index + 1)
     if h.allocate_marked:
         gct_bits_set(h.marks, index)
     obj = <uint64_t *>(h.base + (index << h.object_shift))
@@ -63,6 +69,18 @@ cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil:
     heap_publish(obj, LIVE)               # after the zeroed slots (see heap.pxd)
     pthread_mutex_unlock(&h.alloc_lock)
     return <uintptr_t>obj
+
+
+cdef uintptr_t heap_extent_end(const HeapCore *h, size_t align) noexcept nogil:
+    """base + the bytes of every object ever allocated, rounded up to
+    ``align`` (a power of two: the page or card size) and clipped to the
+    arena. Pages past it were armed when the heap was made and never written
+    by an allocation since, so a pass that skips them loses nothing: once the
+    extent grows over a written page, the next pass reports it."""
+    cdef uintptr_t bytes = gct_load_size(&h.high_water) << h.object_shift
+    cdef uintptr_t arena = h.num_objects << h.object_shift
+    bytes = (bytes + align - 1) & ~(<uintptr_t>align - 1) if bytes else align   # a pass walks >= 1 page
+    return h.base + (bytes if bytes < arena else arena)
 
 
 cdef bint heap_is_object(const HeapCore *h, uintptr_t addr) noexcept nogil:

@@ -151,12 +151,13 @@ cdef inline int usable(const TrackerCore *t) noexcept nogil:
     return 0
 
 
-cdef inline int cards_cover(const CardBits *cards, const BackendCore *backend) noexcept nogil:
-    """0 when ``cards`` covers the whole arena: a pass re-arms every page it
-    reports, so a page it could not mark would never be reported again."""
+cdef inline int cards_cover(const CardBits *cards, uintptr_t start, uintptr_t end) noexcept nogil:
+    """0 when ``cards`` covers [start, end), the range a pass walks: a pass
+    re-arms every page it reports, so a page it could not mark would never
+    be reported again."""
     if cards == NULL or cards.words == NULL:
         return -EINVAL
-    if backend.start < cards.base or backend.end - cards.base > cards.size:
+    if start < cards.base or end - cards.base > cards.size:
         return -EINVAL
     return 0
 
@@ -168,8 +169,9 @@ cdef inline int in_arena(const BackendCore *backend, uintptr_t start, uintptr_t 
 
 
 cdef int locked_pass(TrackerCore *t, const void *owner, CardBits *cards, bint reset,
-                     uint64_t max_pages, PassCounts *counts) noexcept nogil:
-    """One pass into ``cards``, under the lock, once every guard has passed."""
+                     uint64_t max_pages, uintptr_t end, PassCounts *counts) noexcept nogil:
+    """One pass over [arena start, end) into ``cards``, under the lock, once
+    every guard has passed; end 0 is the arena's end."""
     cdef RegionSink sink
     cdef PassCounts ignored
     cdef int rc
@@ -180,14 +182,18 @@ cdef int locked_pass(TrackerCore *t, const void *owner, CardBits *cards, bint re
     pthread_mutex_lock(&t.lock)
     rc = usable(t)
     if rc == 0:
-        rc = cards_cover(cards, t.backend)
+        if end == 0:
+            end = t.backend.end
+        if end <= t.backend.start or end > t.backend.end or end & (t.backend.granularity - 1):
+            rc = -EINVAL
+    if rc == 0:
+        rc = cards_cover(cards, t.backend.start, end)
     if rc == 0 and t.reserved_by != owner:
         rc = -EPERM
     if rc == 0 and t.loop_active:
         rc = -EBUSY
     if rc == 0:
-        rc = timed_pass(t.backend, t.backend.start, t.backend.end, reset, max_pages,
-                        &sink, counts)
+        rc = timed_pass(t.backend, t.backend.start, end, reset, max_pages, &sink, counts)
     pthread_mutex_unlock(&t.lock)
     return rc
 
@@ -198,15 +204,15 @@ cdef int tracker_pass_into(TrackerCore *t, CardBits *cards, bint reset,
     cdef int rc = usable(t)
     if rc:
         return rc
-    return locked_pass(t, NULL, cards, reset, max_pages, counts)
+    return locked_pass(t, NULL, cards, reset, max_pages, 0, counts)
 
 
-cdef int tracker_owner_pass(TrackerCore *t, const void *owner, CardBits *cards,
-                            PassCounts *counts) noexcept nogil:
+cdef int tracker_owner_pass(TrackerCore *t, const void *owner, CardBits *cards, bint reset,
+                            uintptr_t end, PassCounts *counts) noexcept nogil:
     cdef int rc = usable(t)
     if rc:
         return rc
-    return locked_pass(t, owner, cards, True, 0, counts)
+    return locked_pass(t, owner, cards, reset, 0, end, counts)
 
 
 cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noexcept nogil:
@@ -227,7 +233,7 @@ cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noex
     pthread_mutex_lock(&t.lock)
     rc = usable(t)
     if rc == 0:
-        rc = cards_cover(cards, t.backend)
+        rc = cards_cover(cards, t.backend.start, t.backend.end)
     if rc == 0 and t.reserved_by != NULL:
         rc = -EPERM
     if rc == 0:
