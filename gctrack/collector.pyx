@@ -33,7 +33,8 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from gctrack.backend cimport PassCounts
 from gctrack.cards cimport CardBits, CardTable, cards_clear, cards_next_clean, cards_next_dirty
 from gctrack.dirtymap cimport gct_bits_load
-from gctrack.heap cimport Heap, HeapCore, heap_extent_end, heap_is_object, heap_load
+from gctrack.heap cimport (Heap, HeapCore, heap_extent_end, heap_is_allocated, heap_is_object,
+                           heap_load)
 from gctrack.tracker cimport tracker_owner_pass
 from gctrack.threads cimport pthread_mutex_lock, pthread_mutex_unlock
 
@@ -46,10 +47,13 @@ cdef extern from *:
         uint64_t mask = (uint64_t)1 << (bit & 63);
         return !(__atomic_fetch_or(&marks[bit >> 6], mask, __ATOMIC_ACQ_REL) & mask);
     }
-    static inline void gct_store_u64_relaxed(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+    static inline void gct_store_u64_release(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline size_t gct_sweep_load_size(const size_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     """
     bint gct_test_and_mark(uint64_t *marks, size_t bit) nogil
-    void gct_store_u64_relaxed(uint64_t *p, uint64_t v) nogil
+    void gct_store_u64_release(uint64_t *p, uint64_t v) nogil
+    size_t gct_load_size "gct_sweep_load_size"(const size_t *p) nogil
+    int ctz64 "__builtin_ctzll"(unsigned long long x) nogil
 
 
 # ---- the gray stack ------------------------------------------------------------
@@ -128,7 +132,7 @@ cdef uint64_t rescan_dirty(HeapCore *h, const CardBits *cards, GrayStack *s,
         index = (start - h.base) >> h.object_shift
         last = (end - 1 - h.base) >> h.object_shift
         while index <= last:
-            if is_marked(h, index) and heap_load(<uint64_t *>(h.base + (index << h.object_shift))):
+            if is_marked(h, index) and heap_is_allocated(h, index):
                 scan_object(h, s, h.base + (index << h.object_shift))
                 rescanned += 1
             index += 1
@@ -140,26 +144,36 @@ cdef uint64_t rescan_dirty(HeapCore *h, const CardBits *cards, GrayStack *s,
 # ---- sweeping -------------------------------------------------------------------------
 
 cdef uint64_t sweep(HeapCore *h) noexcept nogil:
-    """Free every allocated, unmarked object; then end the cycle and clear the marks."""
-    cdef uint64_t freed = 0
-    cdef size_t index, chunk
-    cdef uint64_t *header
-    for chunk in range(0, h.num_objects, 4096):
+    """Free every allocated, unmarked object; then end the cycle and clear the
+    marks. Word by word over the side bitmaps: it never touches the arena."""
+    cdef uint64_t freed = 0, dead
+    cdef size_t word, chunk, words = (gct_load_size(&h.high_water) + 63) >> 6
+    for chunk in range(0, words, 64):
         pthread_mutex_lock(&h.alloc_lock)      # allocation may run beside the sweep
-        for index in range(chunk, min(chunk + 4096, h.num_objects)):
-            header = <uint64_t *>(h.base + (index << h.object_shift))
-            if header[0] and not is_marked(h, index):
-                gct_store_u64_relaxed(header, 0)
-                h.free_list[h.free_count] = index
-                h.free_count += 1
-                freed += 1
+        for word in range(chunk, min(chunk + 64, words)):
+            dead = gct_bits_load(&h.allocated[word]) & ~gct_bits_load(&h.marks[word])
+            if dead:
+                gct_store_u64_release(&h.allocated[word], h.allocated[word] & ~dead)
+                freed += free_dead(h, word, dead)
         pthread_mutex_unlock(&h.alloc_lock)
     pthread_mutex_lock(&h.alloc_lock)
     h.allocate_marked = False
-    for index in range((h.num_objects + 63) // 64):
-        h.marks[index] = 0
+    for word in range((gct_load_size(&h.high_water) + 63) >> 6):
+        h.marks[word] = 0
     pthread_mutex_unlock(&h.alloc_lock)
     return freed
+
+
+cdef inline uint64_t free_dead(HeapCore *h, size_t word, uint64_t dead) noexcept nogil:
+    """Push the objects of ``dead`` (bits of allocation word ``word``) onto
+    the free list, with alloc_lock held; returns how many."""
+    cdef uint64_t count = 0
+    while dead:
+        h.free_list[h.free_count] = (word << 6) + ctz64(dead)
+        h.free_count += 1
+        count += 1
+        dead &= dead - 1
+    return count
 
 
 cdef CardBits cut_cards(const CardBits *cards, uintptr_t end) noexcept nogil:

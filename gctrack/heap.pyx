@@ -12,7 +12,7 @@ from posix.unistd cimport getpid
 
 from gctrack.arena cimport Arena
 from gctrack.cards cimport CardTable
-from gctrack.dirtymap cimport gct_bits_set
+from gctrack.dirtymap cimport gct_bits_load, gct_bits_set
 from gctrack.software cimport software_core_of, software_write_barrier
 from gctrack.tracker cimport Tracker
 from gctrack.threads cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
@@ -26,7 +26,8 @@ from gctrack.errors import HeapFullError
 cdef enum:
     LIVE = 1
 
-#: The header word of an allocated object (a free object's header is 0).
+#: The header word heap_alloc writes (the sweep never clears it: whether an
+#: object is allocated now is in the side bitmap, Heap.allocated()).
 HEADER_LIVE = LIVE
 
 # How long a stopper waits without the GIL before it checks for signals.
@@ -51,7 +52,7 @@ cdef extern from *:
 # ---- allocation and stores ----------------------------------------------------
 
 cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil:
-    """A zeroed, live object (born marked while a cycle is on), or 0 when full."""
+    """A zeroed, allocated object (born marked while a cycle is on), or 0 when full."""
     cdef uint64_t index
     cdef uint64_t *obj
     pthread_mutex_lock(&h.alloc_lock)
@@ -66,7 +67,8 @@ cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil:
         gct_bits_set(h.marks, index)
     obj = <uint64_t *>(h.base + (index << h.object_shift))
     memset(obj + 1, 0, h.slots * sizeof(uint64_t))
-    heap_publish(obj, LIVE)               # after the zeroed slots (see heap.pxd)
+    heap_publish(obj, LIVE)
+    gct_bits_set(h.allocated, index)      # RELEASE, after the zeroed slots (see heap.pxd)
     pthread_mutex_unlock(&h.alloc_lock)
     return <uintptr_t>obj
 
@@ -89,7 +91,12 @@ cdef bint heap_is_object(const HeapCore *h, uintptr_t addr) noexcept nogil:
         return False
     if (addr - h.base) & (h.object_size - 1):
         return False
-    return heap_load(<uint64_t *>addr) != 0
+    return heap_is_allocated(h, (addr - h.base) >> h.object_shift)
+
+
+cdef bint heap_is_allocated(const HeapCore *h, size_t index) noexcept nogil:
+    """Object ``index`` is allocated (an ACQUIRE load of its bit)."""
+    return (gct_bits_load(&h.allocated[index >> 6]) >> (index & 63)) & 1
 
 
 cdef void heap_store(HeapCore *h, uintptr_t obj, size_t slot, uintptr_t target) noexcept nogil:
@@ -224,11 +231,14 @@ Fixed-size objects in a tracked Arena; see heap.pxd for the layout.
         h.num_objects = self.arena.size >> h.object_shift
         h.slots = object_size // 8 - 1
         self.marks_array = numpy.zeros((h.num_objects + 63) // 64, dtype=numpy.uint64)
+        self.allocated_array = numpy.zeros((h.num_objects + 63) // 64, dtype=numpy.uint64)
         self.free_array = numpy.arange(h.num_objects - 1, -1, -1, dtype=numpy.uint64)
         self.roots_array = numpy.zeros(max_roots, dtype=numpy.uint64)
         self.reserved_roots = numpy.zeros(max_roots, dtype=bool)
         cdef uint64_t[::1] marks = self.marks_array, free = self.free_array, roots = self.roots_array
+        cdef uint64_t[::1] allocated = self.allocated_array
         h.marks = &marks[0]
+        h.allocated = &allocated[0]
         h.free_list = &free[0]
         h.free_count = h.num_objects
         h.roots = &roots[0]
@@ -420,13 +430,18 @@ Fixed-size objects in a tracked Arena; see heap.pxd for the layout.
 
     def view(self):
         """The heap as a live (num_objects, object_size / 8) uint64 array:
-        column 0 is the header, the others are reference slots."""
+        column 0 is the header (HEADER_LIVE once allocated, never cleared;
+        allocated() says which objects are allocated now), the others are
+        reference slots."""
         self.check_open()
         return self.arena.view(numpy.uint64).reshape(self.core.num_objects, self.core.object_size // 8)
 
     def allocated(self):
-        """Indices of the allocated objects."""
-        return numpy.flatnonzero(self.view()[:, 0])
+        """Indices of the allocated objects, ascending (read from the side
+        bitmap: a freed object keeps its header)."""
+        self.check_open()
+        bits = numpy.unpackbits(self.allocated_array.view(numpy.uint8), bitorder="little")
+        return numpy.flatnonzero(bits[:self.core.num_objects])
 
     def close(self):
         """Disarm and unmap; idempotent. Refused while native mutators or a

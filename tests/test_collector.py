@@ -46,8 +46,15 @@ def reachable(heap) -> numpy.ndarray:
     return seen
 
 
+def allocated_mask(heap) -> numpy.ndarray:
+    """A bool per object: allocated now (the side bitmap, through the API)."""
+    mask = numpy.zeros(heap.num_objects, dtype=bool)
+    mask[heap.allocated()] = True
+    return mask
+
+
 def check_nothing_reachable_was_freed(heap):
-    live = heap.view()[:, 0] == HEADER_LIVE
+    live = allocated_mask(heap)
     lost = numpy.flatnonzero(reachable(heap) & ~live)
     assert lost.size == 0, f"{lost.size} reachable objects were freed, e.g. {lost[:5]}"
 
@@ -69,9 +76,9 @@ def test_a_cycle_without_mutation_frees_exactly_the_unreachable(heap_backend, co
     with Heap(1 << 20, backend=heap_backend) as heap:
         random_graph(heap, 3000, rng)
         expected = reachable(heap)
-        allocated = heap.view()[:, 0] == HEADER_LIVE
+        allocated = allocated_mask(heap)
         stats = Collector(heap).collect(concurrent=concurrent)
-        now_allocated = heap.view()[:, 0] == HEADER_LIVE
+        now_allocated = allocated_mask(heap)
         numpy.testing.assert_array_equal(now_allocated, expected)
         assert stats.freed == int((allocated & ~expected).sum()) > 0
         assert stats.live == int(expected.sum())
@@ -138,7 +145,7 @@ def test_python_mutation_through_the_heap_api_during_concurrent_cycles(heap_back
 
 
 def is_live(heap, obj) -> bool:
-    return bool(heap.view()[(obj - heap.base) // heap.object_size, 0] == HEADER_LIVE)
+    return bool(allocated_mask(heap)[(obj - heap.base) // heap.object_size])
 
 
 def test_after_phase_names_each_phase_of_a_concurrent_cycle_in_order():
@@ -437,3 +444,20 @@ def test_precleaning_goes_on_while_the_prediction_exceeds_the_goal_up_to_its_bou
         assert len(rounds.preclean) == 5 and rounds.outran_precleaning
         timed = Collector(heap, pause_goal=1e-12, preclean_time_limit=1e-9).collect(max_preclean=5)
         assert len(timed.preclean) == 1 and timed.outran_precleaning
+
+
+def test_the_sweep_never_writes_into_the_tracked_arena(heap_backend):
+    """Allocation state lives in a side bitmap: freeing 5000 objects dirties
+    no page (the next cycle's first pass re-arms nothing), the freed objects
+    keep their headers, and allocated() no longer lists them."""
+    with Heap(1 << 20, backend=heap_backend) as heap:
+        kept = heap.alloc(root=True)
+        garbage = [heap.alloc() for _ in range(5000)]
+        collector = Collector(heap)
+        assert collector.collect().freed == 5000
+        assert collector.collect(max_preclean=0).rearm_pages == 0
+        index = (numpy.array(garbage) - heap.base) // heap.object_size
+        assert (heap.view()[index, 0] == HEADER_LIVE).all()
+        assert heap.allocated().tolist() == [(kept - heap.base) // heap.object_size]
+        again = heap.alloc()                    # reuses a freed object, zeroed
+        assert again in garbage and heap.get_ref(again, 0) == 0 and heap.live_count == 2
