@@ -71,8 +71,8 @@ cdef extern from *:
     """
     int popcount64 "__builtin_popcountll"(unsigned long long x) nogil
     int ctz64 "__builtin_ctzll"(unsigned long long x) nogil
-    size_t next_nonzero_word "gct_next_nonzero_word"(const uint64_t *w, size_t start,
-                                                      size_t n) nogil
+    size_t next_nonzero_word "gct_next_nonzero_word"(
+        const uint64_t *w, size_t start, size_t n) nogil
     size_t count_words "gct_count_words"(const uint64_t *w, size_t n) nogil
     bint count_uses_popcnt "gct_count_uses_popcnt"() nogil
 
