@@ -8,7 +8,7 @@ class Collector:
     pause_goal: float
     preclean_time_limit: float
     def __new__(cls, heap: Heap, *, pause_goal: float = 0.001,
-                preclean_time_limit: float = 0.1) -> Collector: ...
+                preclean_time_limit: float = 1.0) -> Collector: ...
     def collect(self, *, concurrent: bool = True, max_preclean: int = 10,
                 after_phase: Callable[[str], object] | None = None) -> CycleStats:
         """One cycle. ``after_phase`` (a testing aid, concurrent cycles only) is

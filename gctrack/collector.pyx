@@ -212,7 +212,7 @@ cdef inline double now() noexcept nogil:
 # ---- the Python face -------------------------------------------------------------------
 
 cdef class Collector:
-    """Collector(heap, *, pause_goal=0.001, preclean_time_limit=0.1)
+    """Collector(heap, *, pause_goal=0.001, preclean_time_limit=1.0)
 --
 
 Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
@@ -234,7 +234,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
     def __repr__(self):
         return f"<gctrack.Collector of {self.heap!r}, {self.cards.card_size} B cards>"
 
-    def __cinit__(self, Heap heap not None, *, pause_goal=0.001, preclean_time_limit=0.1):
+    def __cinit__(self, Heap heap not None, *, pause_goal=0.001, preclean_time_limit=1.0):
         self.pause_goal = checked_seconds(pause_goal, "pause_goal")
         self.preclean_time_limit = checked_seconds(preclean_time_limit, "preclean_time_limit")
         self.walk_cost = self.card_cost = -1.0
