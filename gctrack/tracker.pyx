@@ -333,10 +333,7 @@ cdef void *pass_loop(void *arg) noexcept nogil:
 # ---- the Python face --------------------------------------------------------
 
 cdef class PassStats:
-    """PassStats(regions, pages, calls, seconds)
---
-
-One pass: what it reported and what it cost. Immutable.
+    """One pass: what it reported and what it cost. Immutable.
 
     A C-level record rather than a dataclass: collect() returns one per pass,
     and building a frozen dataclass cost more than a clean pass of a small

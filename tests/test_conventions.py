@@ -29,7 +29,7 @@ def test_constructors_have_signatures():
         gctrack.CardTable: ["base", "size", "card_size"],
         gctrack.Tracker: ["arena", "backend", "vector_len"],
         gctrack.Heap: ["size", "object_size", "backend", "card_size", "max_roots"],
-        gctrack.Collector: ["heap"],
+        gctrack.Collector: ["heap", "pause_goal", "preclean_time_limit"],
         gctrack.NativeMutators: ["heap", "threads", "rate", "roots_per_thread", "seed"],
     }
     for cls, names in expected.items():
