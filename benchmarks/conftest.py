@@ -39,6 +39,9 @@ def raw_c(tmp_path_factory):
     lib.raw_pass.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p,
                              ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint]
     lib.raw_pass.restype = ctypes.c_long
+    lib.raw_walk.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p,
+                             ctypes.c_uint64]
+    lib.raw_walk.restype = ctypes.c_long
     return lib
 
 

@@ -72,3 +72,28 @@ long raw_pass(int pagemap_fd, uint64_t start, uint64_t end, struct gct_page_regi
         arg.start = arg.walk_end;
     }
 }
+
+/* One report-only pass over [start, end) (no write-protect): the floor a
+ * remark's final pass is measured against. Pages reported, or -errno. */
+long raw_walk(int pagemap_fd, uint64_t start, uint64_t end, struct gct_page_region *vec,
+              uint64_t vec_len)
+{
+    struct gct_pm_scan_arg arg;
+    long pages = 0;
+    memset(&arg, 0, sizeof(arg));
+    arg.size = sizeof(arg);
+    arg.end = end;
+    arg.vec = (uint64_t)(uintptr_t)vec;
+    arg.vec_len = vec_len;
+    arg.category_mask = arg.return_mask = GCT_PAGE_IS_WRITTEN;
+    for (arg.start = start;;) {
+        int n = ioctl(pagemap_fd, GCT_PAGEMAP_SCAN, &arg);
+        if (n < 0)
+            return -errno;
+        for (int i = 0; i < n; i++)
+            pages += (long)((vec[i].end - vec[i].start) / 4096);
+        if ((uint64_t)n < vec_len || arg.walk_end >= end)
+            return pages;
+        arg.start = arg.walk_end;
+    }
+}

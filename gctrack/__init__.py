@@ -12,8 +12,8 @@ from gctrack.errors import HeapFullError, MissedBarrierError, TrackerError, Unsu
 from gctrack.heap import Heap
 from gctrack.mutator import NativeMutators
 from gctrack.probe import Features, Support, features
-from gctrack.stats import CycleStats, LoopStats, PassStats, PrecleanPass
-from gctrack.tracker import Tracker
+from gctrack.stats import CycleStats, LoopStats, PrecleanPass
+from gctrack.tracker import PassStats, Tracker
 from gctrack.verifier import MISSED_DTYPE, BarrierReport, BarrierVerifier
 from gctrack.writewatch import WriteWatch
 

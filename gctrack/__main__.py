@@ -95,8 +95,8 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 
 CYCLE_COLUMNS = (("cycle", 5), ("live", 11), ("freed", 10), ("mark ms", 8),
-                 ("preclean cards", 22), ("remark ms", 10), ("dirty", 7), ("init ms", 8),
-                 ("STW ms", 8), ("remark/STW", 11))
+                 ("preclean cards", 20), ("remark ms", 10), ("dirty", 7), ("init ms", 8),
+                 ("TTSP µs", 13), ("sweep ms", 9), ("STW ms", 8), ("remark/STW", 11))
 
 
 def cycle_header() -> str:
@@ -109,7 +109,9 @@ def cycle_row(number: int, stats, full_mark: float) -> str:
     cells = (number, f"{stats.live:,}", f"{stats.freed:,}",
              f"{stats.concurrent_mark_seconds * 1e3:.1f}", preclean,
              f"{stats.remark_pause * 1e3:.3f}", stats.remark_dirty_cards,
-             f"{stats.initial_mark_pause * 1e3:.3f}", f"{full_mark * 1e3:.1f}",
+             f"{stats.initial_mark_pause * 1e3:.3f}",
+             f"{stats.initial_mark_time_to_safepoint * 1e6:.0f}/{stats.remark_time_to_safepoint * 1e6:.0f}",
+             f"{stats.sweep_seconds * 1e3:.1f}", f"{full_mark * 1e3:.1f}",
              f"{stats.remark_pause / full_mark:.2%}")
     return "".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, CYCLE_COLUMNS))
 
@@ -128,6 +130,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         first = collector.collect(concurrent=False)
         print(f"warm-up stop-the-world cycle: full mark {first.full_mark_seconds * 1e3:.1f} ms, "
               f"freed {first.freed:,}")
+        print("TTSP: time to safepoint of the initial mark / of the remark; "
+              "the sweep runs beside the mutators")
         print(cycle_header())
         with gctrack.NativeMutators(heap, threads=args.threads, rate=args.rate) as mutators:
             try:

@@ -5,8 +5,11 @@ from gctrack.stats import CycleStats
 
 class Collector:
     heap: Heap
-    def __new__(cls, heap: Heap) -> Collector: ...
-    def collect(self, *, concurrent: bool = True, max_preclean: int = 3,
+    pause_goal: float
+    preclean_time_limit: float
+    def __new__(cls, heap: Heap, *, pause_goal: float = 0.001,
+                preclean_time_limit: float = 1.0) -> Collector: ...
+    def collect(self, *, concurrent: bool = True, max_preclean: int = 10,
                 after_phase: Callable[[str], object] | None = None) -> CycleStats:
         """One cycle. ``after_phase`` (a testing aid, concurrent cycles only) is
         called with "initial_mark", "concurrent_mark", "preclean" (each round)

@@ -8,8 +8,11 @@ precleaning:
    mark the roots, resume;
 2. mark concurrently, without the GIL;
 3. preclean: collect the dirty cards, rescan the marked objects on them,
-   and repeat while the dirty set keeps shrinking (at most ``max_preclean``
-   rounds; stop unless it shrinks to 2/3 or less);
+   and repeat while the predicted remark exceeds the pause goal, up to
+   ``max_preclean`` rounds or ``preclean_time_limit`` seconds (CMS's
+   abortable precleaning). The prediction is the cost of walking the
+   allocated extent plus the cost of the cards the last round found dirty,
+   each measured on this heap by earlier passes and remarks;
 4. remark with the mutators stopped (and the GIL held): a final pass, then
    rescan the roots and the marked objects on dirty cards, finish marking;
 5. sweep, with the mutators running again; objects allocated during the
@@ -19,15 +22,19 @@ Every store after step 1 lands on a dirty card, so a marked object that was
 given a reference to an unmarked one is rescanned by step 3 or 4. Nothing
 reachable at remark is freed; floating garbage waits for the next cycle.
 """
+import math
+import numbers
+import operator
+
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport realloc, free
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from gctrack.backend cimport PassCounts
-from gctrack.cards cimport (CardBits, CardTable, cards_clear, cards_count, cards_next_clean,
-                            cards_next_dirty)
+from gctrack.cards cimport CardBits, CardTable, cards_clear, cards_next_clean, cards_next_dirty
 from gctrack.dirtymap cimport gct_bits_load
-from gctrack.heap cimport Heap, HeapCore, heap_is_object, heap_load
+from gctrack.heap cimport (Heap, HeapCore, heap_extent_end, heap_is_allocated, heap_is_object,
+                           heap_load)
 from gctrack.tracker cimport tracker_owner_pass
 from gctrack.threads cimport pthread_mutex_lock, pthread_mutex_unlock
 
@@ -40,10 +47,13 @@ cdef extern from *:
         uint64_t mask = (uint64_t)1 << (bit & 63);
         return !(__atomic_fetch_or(&marks[bit >> 6], mask, __ATOMIC_ACQ_REL) & mask);
     }
-    static inline void gct_store_u64_relaxed(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+    static inline void gct_store_u64_release(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline size_t gct_sweep_load_size(const size_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     """
     bint gct_test_and_mark(uint64_t *marks, size_t bit) nogil
-    void gct_store_u64_relaxed(uint64_t *p, uint64_t v) nogil
+    void gct_store_u64_release(uint64_t *p, uint64_t v) nogil
+    size_t gct_load_size "gct_sweep_load_size"(const size_t *p) nogil
+    int ctz64 "__builtin_ctzll"(unsigned long long x) nogil
 
 
 # ---- the gray stack ------------------------------------------------------------
@@ -104,13 +114,17 @@ cdef inline bint is_marked(const HeapCore *h, size_t index) noexcept nogil:
     return (gct_bits_load(&h.marks[index >> 6]) >> (index & 63)) & 1
 
 
-cdef uint64_t rescan_dirty(HeapCore *h, const CardBits *cards, GrayStack *s) noexcept nogil:
-    """Rescan every marked object that overlaps a dirty card; returns how many."""
+cdef uint64_t rescan_dirty(HeapCore *h, const CardBits *cards, GrayStack *s,
+                           size_t *dirty_cards) noexcept nogil:
+    """Rescan every marked object that overlaps a dirty card; returns how many.
+    Counts the dirty cards on the way (*dirty_cards): the walk visits every
+    run of them anyway, so a separate count would read the table twice."""
     cdef uint64_t rescanned = 0
-    cdef size_t first = cards_next_dirty(cards, 0), after, index, last
+    cdef size_t first = cards_next_dirty(cards, 0), after, index, last, dirty = 0
     cdef uintptr_t start, end
     while first < cards.num_cards:
         after = cards_next_clean(cards, first)
+        dirty += after - first
         start = cards.base + (<uintptr_t>first << cards.card_shift)
         end = cards.base + (<uintptr_t>after << cards.card_shift)
         if end > h.base + (h.num_objects << h.object_shift):
@@ -118,37 +132,75 @@ cdef uint64_t rescan_dirty(HeapCore *h, const CardBits *cards, GrayStack *s) noe
         index = (start - h.base) >> h.object_shift
         last = (end - 1 - h.base) >> h.object_shift
         while index <= last:
-            if is_marked(h, index) and heap_load(<uint64_t *>(h.base + (index << h.object_shift))):
+            if is_marked(h, index) and heap_is_allocated(h, index):
                 scan_object(h, s, h.base + (index << h.object_shift))
                 rescanned += 1
             index += 1
         first = cards_next_dirty(cards, after)
+    dirty_cards[0] = dirty
     return rescanned
 
 
 # ---- sweeping -------------------------------------------------------------------------
 
 cdef uint64_t sweep(HeapCore *h) noexcept nogil:
-    """Free every allocated, unmarked object; then end the cycle and clear the marks."""
-    cdef uint64_t freed = 0
-    cdef size_t index, chunk
-    cdef uint64_t *header
-    for chunk in range(0, h.num_objects, 4096):
+    """Free every allocated, unmarked object; then end the cycle and clear the
+    marks. Word by word over the side bitmaps: it never touches the arena."""
+    cdef uint64_t freed = 0, dead
+    cdef size_t word, chunk, words = (gct_load_size(&h.high_water) + 63) >> 6
+    for chunk in range(0, words, 64):
         pthread_mutex_lock(&h.alloc_lock)      # allocation may run beside the sweep
-        for index in range(chunk, min(chunk + 4096, h.num_objects)):
-            header = <uint64_t *>(h.base + (index << h.object_shift))
-            if header[0] and not is_marked(h, index):
-                gct_store_u64_relaxed(header, 0)
-                h.free_list[h.free_count] = index
-                h.free_count += 1
-                freed += 1
+        for word in range(chunk, min(chunk + 64, words)):
+            dead = gct_bits_load(&h.allocated[word]) & ~gct_bits_load(&h.marks[word])
+            if dead:
+                gct_store_u64_release(&h.allocated[word], h.allocated[word] & ~dead)
+                freed += free_dead(h, word, dead)
         pthread_mutex_unlock(&h.alloc_lock)
     pthread_mutex_lock(&h.alloc_lock)
     h.allocate_marked = False
-    for index in range((h.num_objects + 63) // 64):
-        h.marks[index] = 0
+    for word in range((gct_load_size(&h.high_water) + 63) >> 6):
+        h.marks[word] = 0
     pthread_mutex_unlock(&h.alloc_lock)
     return freed
+
+
+cdef inline uint64_t free_dead(HeapCore *h, size_t word, uint64_t dead) noexcept nogil:
+    """Push the objects of ``dead`` (bits of allocation word ``word``) onto
+    the free list, with alloc_lock held; returns how many."""
+    cdef uint64_t count = 0
+    while dead:
+        h.free_list[h.free_count] = (word << 6) + ctz64(dead)
+        h.free_count += 1
+        count += 1
+        dead &= dead - 1
+    return count
+
+
+cdef CardBits cut_cards(const CardBits *cards, uintptr_t end) noexcept nogil:
+    """The cards of [cards.base, end): the words are
+    shared, so what a pass marks through the cut is in the whole table."""
+    cdef CardBits cut = cards[0]
+    cut.size = end - cut.base
+    cut.num_cards = (cut.size + (<uintptr_t>1 << cut.card_shift) - 1) >> cut.card_shift
+    if cut.num_cards > cards.num_cards:
+        cut.num_cards = cards.num_cards
+    cut.num_words = (cut.num_cards + 63) >> 6
+    return cut
+
+
+cdef double checked_seconds(object value, str name) except -1.0:
+    """A positive finite number of seconds, or a typed error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    cdef double seconds = float(value)
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"{name} must be a positive finite number of seconds, got {value!r}")
+    return seconds
+
+
+cdef inline double learned(double estimate, double sample) noexcept nogil:
+    """An exponentially weighted mean that follows the machine's load."""
+    return sample if estimate < 0 else 0.7 * estimate + 0.3 * sample
 
 
 cdef inline double now() noexcept nogil:
@@ -160,21 +212,36 @@ cdef inline double now() noexcept nogil:
 # ---- the Python face -------------------------------------------------------------------
 
 cdef class Collector:
-    """Collector(heap)
+    """Collector(heap, *, pause_goal=0.001, preclean_time_limit=1.0)
 --
 
-Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
+Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
+
+    ``pause_goal`` (seconds): precleaning goes on while the predicted remark
+    exceeds it, for at most ``max_preclean`` rounds (a ``collect()``
+    argument) and ``preclean_time_limit`` seconds.
+    """
     cdef readonly Heap heap
     cdef CardTable cards
+    cdef CardBits extent            # cards cut down to the extent the last pass walked
+    cdef size_t extent_align        # the extent ends on a page and a card boundary
     cdef GrayStack stack
+    cdef readonly double pause_goal
+    cdef readonly double preclean_time_limit
+    cdef double walk_cost           # seconds per byte a pass walks (< 0: not measured yet)
+    cdef double card_cost           # seconds per dirty card rescanned (< 0: not measured yet)
 
     def __repr__(self):
         return f"<gctrack.Collector of {self.heap!r}, {self.cards.card_size} B cards>"
 
-    def __cinit__(self, Heap heap not None):
+    def __cinit__(self, Heap heap not None, *, pause_goal=0.001, preclean_time_limit=1.0):
+        self.pause_goal = checked_seconds(pause_goal, "pause_goal")
+        self.preclean_time_limit = checked_seconds(preclean_time_limit, "preclean_time_limit")
+        self.walk_cost = self.card_cost = -1.0
         heap.check_open()
         self.heap = heap
         self.cards = CardTable.for_arena(heap.arena, heap.card_size)
+        self.extent_align = max(heap.tracker.granularity, heap.card_size)
 
     def __dealloc__(self):
         free(self.stack.items)
@@ -186,25 +253,49 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
             raise MemoryError("the collector's mark stack could not grow")
         return 0
 
-    cdef PassCounts dirty_pass(self, bint keep_gil) except *:
-        """Collect the cards dirtied since the previous pass into self.cards.
-        At remark ``keep_gil``: Python mutators must stay stopped too."""
+    cdef double stop_world_timed(self) except -1.0:
+        """Stop the mutators; returns the time to safepoint, from the request
+        until the last mutator parked (part of the pause the mutators see)."""
+        cdef double requested = now()
+        self.heap.stop_world()
+        return now() - requested
+
+    cdef void learn(self, double pass_seconds, double rescan_seconds, size_t dirty) noexcept:
+        """Fold one pass and the rescan after it into the cost model."""
+        self.walk_cost = learned(self.walk_cost, pass_seconds / self.extent.size)
+        if dirty >= 64:             # fewer cards measure the fixed costs, not the cards
+            self.card_cost = learned(self.card_cost, rescan_seconds / dirty)
+
+    cdef double predict_remark(self, size_t dirty) noexcept:
+        """The remark if it started now: walk the extent, rescan about as
+        many cards as the last pass found dirty (they were dirtied in about
+        the time the next pass takes to come round)."""
+        cdef double walk = self.walk_cost if self.walk_cost >= 0 else 0.3e-3 / (1 << 30)
+        cdef double card = self.card_cost if self.card_cost >= 0 else 0.1e-6
+        return walk * self.extent.size + card * dirty
+
+    cdef PassCounts dirty_pass(self, bint keep_gil, bint reset) except *:
+        """Collect the cards dirtied since the previous reset pass into
+        self.cards; ``reset`` re-arms what it reports. At remark
+        ``keep_gil``: Python mutators must stay stopped too."""
         cdef PassCounts counts
         cdef int rc
-        cards_clear(&self.cards.bits)
+        cdef uintptr_t end = heap_extent_end(&self.heap.core, self.extent_align)
+        self.extent = cut_cards(&self.cards.bits, end)
+        cards_clear(&self.extent)
         if keep_gil:
-            rc = tracker_owner_pass(&self.heap.tracker.core, &self.heap.core, &self.cards.bits,
-                                    &counts)
+            rc = tracker_owner_pass(&self.heap.tracker.core, &self.heap.core, &self.extent,
+                                    reset, end, &counts)
         else:
             with nogil:
                 rc = tracker_owner_pass(&self.heap.tracker.core, &self.heap.core,
-                                        &self.cards.bits, &counts)
+                                        &self.extent, reset, end, &counts)
         if rc:
             raise TrackerError(-rc, "tracking pass", "in the collector")
         self.heap.note_dirty_cards(self.cards)
         return counts
 
-    def collect(self, *, concurrent=True, max_preclean=3, after_phase=None):
+    def collect(self, *, concurrent=True, max_preclean=10, after_phase=None):
         """One collection cycle. ``concurrent=False`` is the stop-the-world baseline.
 
         ``after_phase`` is a testing aid, for concurrent cycles: it is called
@@ -218,7 +309,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
         self.heap.check_open()
         if self.heap.collecting:
             raise RuntimeError("a collection of this heap is already running")
-        max_preclean = int(max_preclean)
+        max_preclean = operator.index(max_preclean)
         if max_preclean < 0:
             raise ValueError(f"max_preclean must be >= 0, got {max_preclean}")
         if after_phase is not None and not callable(after_phase):
@@ -253,9 +344,9 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
     cdef object stop_the_world_cycle(self):
         """Everything with the mutators stopped and the GIL held."""
         cdef HeapCore *h = &self.heap.core
-        cdef double started, marked
+        cdef double started, marked, to_safepoint
         cdef uint64_t freed
-        self.heap.stop_world()
+        to_safepoint = self.stop_world_timed()
         try:
             started = now()
             mark_roots(h, &self.stack)
@@ -268,19 +359,23 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
         return CycleStats(backend=self.heap.backend, concurrent=False, live=self.heap.live_count,
                           freed=freed, initial_mark_pause=0.0, concurrent_mark_seconds=0.0,
                           preclean=(), remark_pause=marked - started, remark_dirty_cards=0,
-                          full_mark_seconds=marked - started, sweep_seconds=now() - marked)
+                          full_mark_seconds=marked - started, sweep_seconds=now() - marked,
+                          remark_time_to_safepoint=to_safepoint, pause_goal=self.pause_goal)
 
     cdef object concurrent_cycle(self, int max_preclean, object after_phase):
         cdef HeapCore *h = &self.heap.core
-        cdef double t0, t1, t2
-        cdef uint64_t rescanned, freed, previous = 0
-        cdef size_t dirty
-        # 1. re-arm tracking while the mutators run: a pass re-protects just the
-        # pages written since the last cycle. A store before it is visible to
-        # the marker; a store after it lands on a dirty card.
-        self.dirty_pass(False)
+        cdef double t0, t1, t2, initial_safepoint, remark_safepoint
+        cdef uint64_t rescanned, freed
+        cdef size_t dirty = 0
+        cdef PassCounts rearm, counts
+        cdef double preclean_started, predicted
+        # 1. re-arm tracking while the mutators run: a pass re-protects the
+        # pages written since the last cycle, including those the previous
+        # remark's report-only pass left armed-off. A store before it is
+        # visible to the marker; a store after it lands on a dirty card.
+        rearm = self.dirty_pass(False, True)
         # initial mark, native mutators parked and the GIL held
-        self.heap.stop_world()
+        initial_safepoint = self.stop_world_timed()
         t0 = now()
         pthread_mutex_lock(&h.alloc_lock)
         h.allocate_marked = True
@@ -302,31 +397,36 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
             after_phase("concurrent_mark")
         # 3. precleaning
         preclean = []
+        predicted = self.predict_remark(0)
+        preclean_started = now()
         for _ in range(max_preclean):
             t0 = now()
-            self.dirty_pass(False)
-            dirty = cards_count(&self.cards.bits)
+            counts = self.dirty_pass(False, True)
             with nogil:
-                rescanned = rescan_dirty(h, &self.cards.bits, &self.stack)
+                rescanned = rescan_dirty(h, &self.extent, &self.stack, &dirty)
                 drain(h, &self.stack)
                 t1 = now()
             self.check_stack()
-            preclean.append(PrecleanPass(dirty_cards=dirty, rescanned=rescanned, seconds=t1 - t0))
+            self.learn(counts.seconds, t1 - t0 - counts.seconds, dirty)
+            predicted = self.predict_remark(dirty)
+            preclean.append(PrecleanPass(dirty_cards=dirty, rescanned=rescanned, seconds=t1 - t0,
+                                         predicted_remark=predicted))
             if after_phase is not None:
                 after_phase("preclean")
-            if len(preclean) > 1 and dirty * 3 > previous * 2:
-                break                         # not shrinking to 2/3: remark now
-            previous = dirty
+            if predicted <= self.pause_goal or now() - preclean_started >= self.preclean_time_limit:
+                break
         if after_phase is not None:
             after_phase("before_remark")
-        # 4. remark: native mutators parked, the GIL held throughout
-        self.heap.stop_world()
+        # 4. remark: native mutators parked, the GIL held throughout. The
+        # final pass only reports: nothing runs between it and the rescan, so
+        # re-arming would only add TLB flushes to the pause; step 1 of the
+        # next cycle re-arms those pages.
+        remark_safepoint = self.stop_world_timed()
         t0 = now()
         try:
-            self.dirty_pass(True)
-            dirty = cards_count(&self.cards.bits)
+            counts = self.dirty_pass(True, False)
             mark_roots(h, &self.stack)
-            rescan_dirty(h, &self.cards.bits, &self.stack)
+            rescan_dirty(h, &self.extent, &self.stack, &dirty)
             drain(h, &self.stack)
             t1 = now()
             self.heap.verify_barriers_at_remark()    # a debug aid, not counted in remark_pause
@@ -334,6 +434,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
             self.heap.resume_world()
         self.check_stack()
         remark_pause = t1 - t0
+        self.learn(counts.seconds, remark_pause - counts.seconds, dirty)
         # 5. sweep, mutators running
         with nogil:
             freed = sweep(h)
@@ -342,4 +443,8 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats."""
                           freed=freed, initial_mark_pause=initial_pause,
                           concurrent_mark_seconds=concurrent_seconds, preclean=tuple(preclean),
                           remark_pause=remark_pause, remark_dirty_cards=dirty,
-                          full_mark_seconds=0.0, sweep_seconds=t2 - t1)
+                          full_mark_seconds=0.0, sweep_seconds=t2 - t1,
+                          initial_mark_time_to_safepoint=initial_safepoint,
+                          remark_time_to_safepoint=remark_safepoint, rearm_pages=rearm.pages,
+                          pause_goal=self.pause_goal, predicted_remark=predicted,
+                          outran_precleaning=predicted > self.pause_goal)

@@ -2,18 +2,22 @@
 """The object heap a collector manages: fixed-size objects in a tracked arena.
 
 Layout (documented for tools that read the heap with numpy): object i lives
-at base + i * object_size; word 0 is its header (0 = free, HEADER_LIVE =
-allocated); words 1 .. object_size / 8 - 1 are reference slots holding the
-address of an object, or 0. Mark bits, the free list and the roots live
-outside the arena, so marking never writes to it; the sweep does (it clears
-the headers of the objects it frees), and those pages come back dirty.
+at base + i * object_size; word 0 is its header, which heap_alloc sets to
+HEADER_LIVE and nothing clears: it says the object was allocated once, not
+that it is allocated now; words 1 .. object_size / 8 - 1 are reference
+slots holding the address of an object, or 0. Whether an object is
+allocated lives in a side bitmap (HeapCore.allocated, Heap.allocated()), as
+do the mark bits, the free list and the roots: the collector never writes
+into the tracked arena, so neither marking nor sweeping faults or dirties
+a card.
 
 Memory ordering: the marker reads objects while mutators allocate and store.
-heap_alloc zeroes an object's slots and then stores its header with RELEASE;
+heap_alloc zeroes an object's slots and header, then sets its allocated bit
+with RELEASE;
 every reference a mutator stores (slot or root) is a RELEASE store
 (heap_publish); the marker and the mutators load headers, slots and roots
-with ACQUIRE (heap_load). So whoever sees an object's address or header also
-sees its zeroed slots, even on weakly ordered CPUs (aarch64). On x86 these
+with ACQUIRE (heap_load, heap_is_object). So whoever sees an object's address or
+allocated bit also sees its zeroed slots, even on weakly ordered CPUs (aarch64). On x86 these
 are plain moves.
 """
 from libc.stdint cimport uint64_t, uintptr_t
@@ -54,8 +58,10 @@ ctypedef struct HeapCore:
     size_t num_objects
     size_t slots                    # reference slots per object
     uint64_t *marks                 # one mark bit per object (atomic)
+    uint64_t *allocated             # one bit per allocated object (atomic; changed under alloc_lock)
     uint64_t *free_list             # indices of free objects (a stack)
     size_t free_count
+    size_t high_water               # objects ever allocated lie below it (atomic; never shrinks)
     pthread_mutex_t alloc_lock      # guards free_list and allocate_marked
     bint allocate_marked            # a cycle is on: new objects are born marked
     uint64_t *roots                 # root slots: an object address, or 0
@@ -65,7 +71,11 @@ ctypedef struct HeapCore:
 
 
 cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil
+# The end of the allocated extent, page-aligned: no object was ever allocated
+# past it, so the collector's passes need not walk further (see heap_extent_end).
+cdef uintptr_t heap_extent_end(const HeapCore *h, size_t align) noexcept nogil
 cdef bint heap_is_object(const HeapCore *h, uintptr_t addr) noexcept nogil
+cdef bint heap_is_allocated(const HeapCore *h, size_t index) noexcept nogil
 cdef void heap_store(HeapCore *h, uintptr_t obj, size_t slot, uintptr_t target) noexcept nogil
 
 # Mutator threads: enter once, poll between operations, leave at the end.
@@ -85,7 +95,7 @@ cdef class Heap:
     cdef readonly Arena arena
     cdef readonly Tracker tracker
     cdef readonly size_t card_size
-    cdef object marks_array, free_array, roots_array    # own the side memory
+    cdef object marks_array, free_array, roots_array, allocated_array    # own the side memory
     cdef readonly object reserved_roots                  # bool per root slot: add_root skips it
     cdef bint ready
     cdef bint closed_by_user                             # close() was called

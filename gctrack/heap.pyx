@@ -12,7 +12,7 @@ from posix.unistd cimport getpid
 
 from gctrack.arena cimport Arena
 from gctrack.cards cimport CardTable, cards_or
-from gctrack.dirtymap cimport gct_bits_set
+from gctrack.dirtymap cimport gct_bits_load, gct_bits_set
 from gctrack.software cimport software_core_of, software_write_barrier
 from gctrack.tracker cimport Tracker
 from gctrack.threads cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
@@ -27,7 +27,8 @@ from gctrack.verifier import BarrierVerifier
 cdef enum:
     LIVE = 1
 
-#: The header word of an allocated object (a free object's header is 0).
+#: The header word heap_alloc writes (the sweep never clears it: whether an
+#: object is allocated now is in the side bitmap, Heap.allocated()).
 HEADER_LIVE = LIVE
 
 #: A missed barrier in heap terms (Heap.missed_barriers, MissedBarrierError.missed).
@@ -45,16 +46,20 @@ cdef extern from *:
     static inline int gct_load_int(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void gct_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline void gct_increment_int(int *p) { __atomic_add_fetch(p, 1, __ATOMIC_RELEASE); }
+    static inline size_t gct_load_size(const size_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void gct_store_size(size_t *p, size_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     """
     int gct_load_int(const int *p) nogil
     void gct_store_int(int *p, int v) nogil
     void gct_increment_int(int *p) nogil
+    size_t gct_load_size(const size_t *p) nogil
+    void gct_store_size(size_t *p, size_t v) nogil
 
 
 # ---- allocation and stores ----------------------------------------------------
 
 cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil:
-    """A zeroed, live object (born marked while a cycle is on), or 0 when full."""
+    """A zeroed, allocated object (born marked while a cycle is on), or 0 when full."""
     cdef uint64_t index
     cdef uint64_t *obj
     pthread_mutex_lock(&h.alloc_lock)
@@ -63,13 +68,28 @@ cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil:
         return 0
     h.free_count -= 1
     index = h.free_list[h.free_count]
+    if index >= h.high_water:
+        gct_store_size(&h.high_water, index + 1)
     if h.allocate_marked:
         gct_bits_set(h.marks, index)
     obj = <uint64_t *>(h.base + (index << h.object_shift))
     memset(obj + 1, 0, h.slots * sizeof(uint64_t))
-    heap_publish(obj, LIVE)               # after the zeroed slots (see heap.pxd)
+    heap_publish(obj, LIVE)
+    gct_bits_set(h.allocated, index)      # RELEASE, after the zeroed slots (see heap.pxd)
     pthread_mutex_unlock(&h.alloc_lock)
     return <uintptr_t>obj
+
+
+cdef uintptr_t heap_extent_end(const HeapCore *h, size_t align) noexcept nogil:
+    """base + the bytes of every object ever allocated, rounded up to
+    ``align`` (a power of two: the page or card size) and clipped to the
+    arena. Pages past it were armed when the heap was made and never written
+    by an allocation since, so a pass that skips them loses nothing: once the
+    extent grows over a written page, the next pass reports it."""
+    cdef uintptr_t bytes = gct_load_size(&h.high_water) << h.object_shift
+    cdef uintptr_t arena = h.num_objects << h.object_shift
+    bytes = (bytes + align - 1) & ~(<uintptr_t>align - 1) if bytes else align   # a pass walks >= 1 page
+    return h.base + (bytes if bytes < arena else arena)
 
 
 cdef bint heap_is_object(const HeapCore *h, uintptr_t addr) noexcept nogil:
@@ -78,7 +98,12 @@ cdef bint heap_is_object(const HeapCore *h, uintptr_t addr) noexcept nogil:
         return False
     if (addr - h.base) & (h.object_size - 1):
         return False
-    return heap_load(<uint64_t *>addr) != 0
+    return heap_is_allocated(h, (addr - h.base) >> h.object_shift)
+
+
+cdef bint heap_is_allocated(const HeapCore *h, size_t index) noexcept nogil:
+    """Object ``index`` is allocated (an ACQUIRE load of its bit)."""
+    return (gct_bits_load(&h.allocated[index >> 6]) >> (index & 63)) & 1
 
 
 cdef void heap_store(HeapCore *h, uintptr_t obj, size_t slot, uintptr_t target) noexcept nogil:
@@ -233,11 +258,14 @@ Fixed-size objects in a tracked Arena; see heap.pxd for the layout.
         h.num_objects = self.arena.size >> h.object_shift
         h.slots = object_size // 8 - 1
         self.marks_array = numpy.zeros((h.num_objects + 63) // 64, dtype=numpy.uint64)
+        self.allocated_array = numpy.zeros((h.num_objects + 63) // 64, dtype=numpy.uint64)
         self.free_array = numpy.arange(h.num_objects - 1, -1, -1, dtype=numpy.uint64)
         self.roots_array = numpy.zeros(max_roots, dtype=numpy.uint64)
         self.reserved_roots = numpy.zeros(max_roots, dtype=bool)
         cdef uint64_t[::1] marks = self.marks_array, free = self.free_array, roots = self.roots_array
+        cdef uint64_t[::1] allocated = self.allocated_array
         h.marks = &marks[0]
+        h.allocated = &allocated[0]
         h.free_list = &free[0]
         h.free_count = h.num_objects
         h.roots = &roots[0]
@@ -275,11 +303,11 @@ Fixed-size objects in a tracked Arena; see heap.pxd for the layout.
 
     cdef int verify_barriers_at_remark(self) except -1:
         """With the world stopped: judge the stores since the last remark.
-        Headers (written by allocation and the sweep) and stores of 0 (which
+        Headers (allocation writes them without a barrier) and stores of 0 (which
         cannot hide an object from the marker) need no barrier here."""
         if self.verifier is None:
             return 0
-        # Every record is kept: allocation and the sweep change headers
+        # Every record is kept: allocation changes headers
         # without a barrier, and a capped report could crowd out real misses.
         report = self.verifier.check(clear=True, max_missed=ALL_RECORDS)
         if report:
@@ -489,13 +517,18 @@ Fixed-size objects in a tracked Arena; see heap.pxd for the layout.
 
     def view(self):
         """The heap as a live (num_objects, object_size / 8) uint64 array:
-        column 0 is the header, the others are reference slots."""
+        column 0 is the header (HEADER_LIVE once allocated, never cleared;
+        allocated() says which objects are allocated now), the others are
+        reference slots."""
         self.check_open()
         return self.arena.view(numpy.uint64).reshape(self.core.num_objects, self.core.object_size // 8)
 
     def allocated(self):
-        """Indices of the allocated objects."""
-        return numpy.flatnonzero(self.view()[:, 0])
+        """Indices of the allocated objects, ascending (read from the side
+        bitmap: a freed object keeps its header)."""
+        self.check_open()
+        bits = numpy.unpackbits(self.allocated_array.view(numpy.uint8), bitorder="little")
+        return numpy.flatnonzero(bits[:self.core.num_objects])
 
     def close(self):
         """Disarm and unmap; idempotent. Refused while native mutators or a

@@ -4,7 +4,7 @@
 They behave like a program, not like noise: every reference they store or
 root they set comes from an object they reached from a root, or from a new
 allocation. So if the collector ever frees a reachable object, a mutator
-eventually walks into a freed header, and counts a violation.
+eventually walks into a freed object, and counts a violation.
 """
 import operator
 
@@ -17,8 +17,8 @@ from libc.stdlib cimport calloc, free
 from posix.time cimport clock_gettime, nanosleep, timespec, CLOCK_MONOTONIC
 from posix.unistd cimport getpid
 
-from gctrack.heap cimport (Heap, HeapCore, Safepoint, heap_alloc, heap_load, heap_publish,
-                           heap_store, safepoint_enter, safepoint_leave, safepoint_poll,
+from gctrack.heap cimport (Heap, HeapCore, Safepoint, heap_alloc, heap_is_object, heap_load,
+                           heap_publish, heap_store, safepoint_enter, safepoint_leave, safepoint_poll,
                            safepoint_wake_parked)
 from gctrack.threads cimport pthread_t, pthread_create, pthread_join
 
@@ -78,7 +78,7 @@ cdef uintptr_t walk(MutatorState *m) noexcept nogil:
     if obj == 0:
         return 0
     while True:
-        if heap_load(<uint64_t *>obj) == 0:
+        if not heap_is_object(h, obj):
             m.violations += 1         # a reachable object was freed
             return 0
         if steps == 0:

@@ -1,17 +1,11 @@
-"""Plain records that gctrack's passes return."""
+"""Plain records that gctrack's loop and collector return.
+
+PassStats, which every pass returns, is a C-level record in gctrack.tracker:
+it is built on the hot path.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class PassStats:
-    """One pass: what it reported and what it cost."""
-
-    regions: int   #: runs of consecutive written pages reported
-    pages: int     #: pages reported
-    calls: int     #: kernel calls the pass made (more than 1 when the vector filled)
-    seconds: float  #: wall time of the pass, lock held
 
 
 @dataclass(frozen=True)
@@ -32,6 +26,7 @@ class PrecleanPass:
     dirty_cards: int   #: cards the pass found dirty
     rescanned: int     #: marked objects on them that were scanned again
     seconds: float
+    predicted_remark: float = 0.0   #: the remark, had it started after this round
 
 
 @dataclass(frozen=True)
@@ -48,4 +43,17 @@ class CycleStats:
     remark_pause: float              #: mutators stopped (the whole mark, stop-the-world)
     remark_dirty_cards: int
     full_mark_seconds: float         #: stop-the-world cycles only
-    sweep_seconds: float
+    sweep_seconds: float             #: concurrent cycles sweep with the mutators running
+    #: from the stop request until the last mutator parked: the mutators wait
+    #: this long on top of initial_mark_pause and remark_pause
+    initial_mark_time_to_safepoint: float = 0.0
+    remark_time_to_safepoint: float = 0.0   #: the only stop of a stop-the-world cycle
+    #: pages the cycle's first pass re-armed: written since the previous
+    #: cycle's re-arm, the pages its report-only remark left dirty included
+    rearm_pages: int = 0
+    pause_goal: float = 0.0          #: the Collector's goal for the remark
+    #: the remark that precleaning predicted when it stopped (concurrent cycles)
+    predicted_remark: float = 0.0
+    #: precleaning stopped at its bound on rounds or time with the prediction
+    #: still above the goal: the mutators dirty cards faster than it cleans them
+    outran_precleaning: bool = False

@@ -39,9 +39,11 @@ cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noex
 cdef int tracker_record(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil
 cdef int tracker_begin_external(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil
 cdef int tracker_end_external(TrackerCore *t, uintptr_t start, uintptr_t end) noexcept nogil
-# A pass on a reserved tracker, by its owner (the Heap's Collector).
-cdef int tracker_owner_pass(TrackerCore *t, const void *owner, CardBits *cards,
-                            PassCounts *counts) noexcept nogil
+# A pass on a reserved tracker, by its owner (the Heap's Collector), over
+# [arena start, end) (end page-aligned; 0 = the arena's end); with
+# reset=False it reports without re-arming (the remark's final pass).
+cdef int tracker_owner_pass(TrackerCore *t, const void *owner, CardBits *cards, bint reset,
+                            uintptr_t end, PassCounts *counts) noexcept nogil
 
 
 cdef class Tracker:

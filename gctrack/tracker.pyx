@@ -34,7 +34,7 @@ from gctrack.threads cimport (pthread_condattr_t, pthread_create, pthread_join,
 from gctrack import backends
 from gctrack.cards import REGION_DTYPE
 from gctrack.errors import TrackerError
-from gctrack.stats import LoopStats, PassStats
+from gctrack.stats import LoopStats
 
 
 cdef extern from *:
@@ -151,12 +151,13 @@ cdef inline int usable(const TrackerCore *t) noexcept nogil:
     return 0
 
 
-cdef inline int cards_cover(const CardBits *cards, const BackendCore *backend) noexcept nogil:
-    """0 when ``cards`` covers the whole arena: a pass re-arms every page it
-    reports, so a page it could not mark would never be reported again."""
+cdef inline int cards_cover(const CardBits *cards, uintptr_t start, uintptr_t end) noexcept nogil:
+    """0 when ``cards`` covers [start, end), the range a pass walks: a pass
+    re-arms every page it reports, so a page it could not mark would never
+    be reported again."""
     if cards == NULL or cards.words == NULL:
         return -EINVAL
-    if backend.start < cards.base or backend.end - cards.base > cards.size:
+    if start < cards.base or end - cards.base > cards.size:
         return -EINVAL
     return 0
 
@@ -168,8 +169,9 @@ cdef inline int in_arena(const BackendCore *backend, uintptr_t start, uintptr_t 
 
 
 cdef int locked_pass(TrackerCore *t, const void *owner, CardBits *cards, bint reset,
-                     uint64_t max_pages, PassCounts *counts) noexcept nogil:
-    """One pass into ``cards``, under the lock, once every guard has passed."""
+                     uint64_t max_pages, uintptr_t end, PassCounts *counts) noexcept nogil:
+    """One pass over [arena start, end) into ``cards``, under the lock, once
+    every guard has passed; end 0 is the arena's end."""
     cdef RegionSink sink
     cdef PassCounts ignored
     cdef int rc
@@ -180,14 +182,18 @@ cdef int locked_pass(TrackerCore *t, const void *owner, CardBits *cards, bint re
     pthread_mutex_lock(&t.lock)
     rc = usable(t)
     if rc == 0:
-        rc = cards_cover(cards, t.backend)
+        if end == 0:
+            end = t.backend.end
+        if end <= t.backend.start or end > t.backend.end or end & (t.backend.granularity - 1):
+            rc = -EINVAL
+    if rc == 0:
+        rc = cards_cover(cards, t.backend.start, end)
     if rc == 0 and t.reserved_by != owner:
         rc = -EPERM
     if rc == 0 and t.loop_active:
         rc = -EBUSY
     if rc == 0:
-        rc = timed_pass(t.backend, t.backend.start, t.backend.end, reset, max_pages,
-                        &sink, counts)
+        rc = timed_pass(t.backend, t.backend.start, end, reset, max_pages, &sink, counts)
     pthread_mutex_unlock(&t.lock)
     return rc
 
@@ -198,15 +204,15 @@ cdef int tracker_pass_into(TrackerCore *t, CardBits *cards, bint reset,
     cdef int rc = usable(t)
     if rc:
         return rc
-    return locked_pass(t, NULL, cards, reset, max_pages, counts)
+    return locked_pass(t, NULL, cards, reset, max_pages, 0, counts)
 
 
-cdef int tracker_owner_pass(TrackerCore *t, const void *owner, CardBits *cards,
-                            PassCounts *counts) noexcept nogil:
+cdef int tracker_owner_pass(TrackerCore *t, const void *owner, CardBits *cards, bint reset,
+                            uintptr_t end, PassCounts *counts) noexcept nogil:
     cdef int rc = usable(t)
     if rc:
         return rc
-    return locked_pass(t, owner, cards, True, 0, counts)
+    return locked_pass(t, owner, cards, reset, 0, end, counts)
 
 
 cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noexcept nogil:
@@ -227,7 +233,7 @@ cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noex
     pthread_mutex_lock(&t.lock)
     rc = usable(t)
     if rc == 0:
-        rc = cards_cover(cards, t.backend)
+        rc = cards_cover(cards, t.backend.start, t.backend.end)
     if rc == 0 and t.reserved_by != NULL:
         rc = -EPERM
     if rc == 0:
@@ -326,9 +332,51 @@ cdef void *pass_loop(void *arg) noexcept nogil:
 
 # ---- the Python face --------------------------------------------------------
 
-def _pass_stats(PassCounts counts):
-    return PassStats(regions=counts.regions, pages=counts.pages, calls=counts.calls,
-                     seconds=counts.seconds)
+cdef class PassStats:
+    """One pass: what it reported and what it cost. Immutable.
+
+    A C-level record rather than a dataclass: collect() returns one per pass,
+    and building a frozen dataclass cost more than a clean pass of a small
+    arena.
+    """
+    cdef readonly uint64_t regions    # runs of consecutive written pages reported
+    cdef readonly uint64_t pages      # pages reported
+    cdef readonly uint64_t calls      # kernel calls the pass made (> 1 when the vector filled)
+    cdef readonly double seconds      # wall time of the pass, lock held
+
+    def __init__(self, regions, pages, calls, seconds):
+        self.regions = regions
+        self.pages = pages
+        self.calls = calls
+        self.seconds = seconds
+
+    def astuple(self):
+        return (self.regions, self.pages, self.calls, self.seconds)
+
+    def __eq__(self, other):
+        if not isinstance(other, PassStats):
+            return NotImplemented
+        return self.astuple() == (<PassStats>other).astuple()
+
+    def __hash__(self):
+        return hash(self.astuple())
+
+    def __reduce__(self):
+        return PassStats, self.astuple()
+
+    def __repr__(self):
+        return (f"PassStats(regions={self.regions}, pages={self.pages}, calls={self.calls}, "
+                f"seconds={self.seconds!r})")
+
+
+cdef PassStats _pass_stats(const PassCounts *counts):
+    """Built without calling __init__: tp_new and four C stores."""
+    cdef PassStats stats = PassStats.__new__(PassStats)
+    stats.regions = counts.regions
+    stats.pages = counts.pages
+    stats.calls = counts.calls
+    stats.seconds = counts.seconds
+    return stats
 
 
 cdef class Tracker:
@@ -458,7 +506,7 @@ Tracks which pages of an arena are written, through one backend.
         with nogil:
             rc = tracker_pass_into(&self.core, bits, rearm, 0, &counts)
         self.raise_for(rc)
-        return _pass_stats(counts)
+        return _pass_stats(&counts)
 
     def scan(self, *, reset=True, max_pages=0, addr=None, size=None):
         """One pass returning the raw regions as a REGION_DTYPE array, ascending.
@@ -684,7 +732,7 @@ Tracks which pages of an arena are written, through one backend.
             rc = tracker_drain(&self.core, bits, &counts)
         self.raise_for(rc)
         self.raise_loop_error()
-        return _pass_stats(counts)
+        return _pass_stats(&counts)
 
     cdef int raise_for(self, int rc) except -1:
         """Raise the error a C-level call returned, if any."""

@@ -21,7 +21,7 @@ def test_demo_runs_gc_cycles_with_no_violation():
     assert done.returncode == 0, done.stderr
     rows = [line.split() for line in done.stdout.splitlines() if line[:5].strip().isdigit()]
     assert [row[0] for row in rows] == ["1", "2"], done.stdout
-    assert all(len(row) == 10 and row[-1].endswith("%") for row in rows)
+    assert all(len(row) == 12 and row[-1].endswith("%") for row in rows)
     assert max(len(line) for line in done.stdout.splitlines()[2:]) <= 120
     assert "0 violations" in done.stdout
 

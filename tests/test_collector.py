@@ -46,8 +46,15 @@ def reachable(heap) -> numpy.ndarray:
     return seen
 
 
+def allocated_mask(heap) -> numpy.ndarray:
+    """A bool per object: allocated now (the side bitmap, through the API)."""
+    mask = numpy.zeros(heap.num_objects, dtype=bool)
+    mask[heap.allocated()] = True
+    return mask
+
+
 def check_nothing_reachable_was_freed(heap):
-    live = heap.view()[:, 0] == HEADER_LIVE
+    live = allocated_mask(heap)
     lost = numpy.flatnonzero(reachable(heap) & ~live)
     assert lost.size == 0, f"{lost.size} reachable objects were freed, e.g. {lost[:5]}"
 
@@ -69,9 +76,9 @@ def test_a_cycle_without_mutation_frees_exactly_the_unreachable(heap_backend, co
     with Heap(1 << 20, backend=heap_backend) as heap:
         random_graph(heap, 3000, rng)
         expected = reachable(heap)
-        allocated = heap.view()[:, 0] == HEADER_LIVE
+        allocated = allocated_mask(heap)
         stats = Collector(heap).collect(concurrent=concurrent)
-        now_allocated = heap.view()[:, 0] == HEADER_LIVE
+        now_allocated = allocated_mask(heap)
         numpy.testing.assert_array_equal(now_allocated, expected)
         assert stats.freed == int((allocated & ~expected).sum()) > 0
         assert stats.live == int(expected.sum())
@@ -138,7 +145,7 @@ def test_python_mutation_through_the_heap_api_during_concurrent_cycles(heap_back
 
 
 def is_live(heap, obj) -> bool:
-    return bool(heap.view()[(obj - heap.base) // heap.object_size, 0] == HEADER_LIVE)
+    return bool(allocated_mask(heap)[(obj - heap.base) // heap.object_size])
 
 
 def test_after_phase_names_each_phase_of_a_concurrent_cycle_in_order():
@@ -146,7 +153,7 @@ def test_after_phase_names_each_phase_of_a_concurrent_cycle_in_order():
     with Heap(1 << 16, backend="pagemap_scan") as heap:
         heap.alloc(root=True)
         phases = []
-        Collector(heap).collect(max_preclean=2, after_phase=phases.append)
+        Collector(heap, pause_goal=1e-12).collect(max_preclean=2, after_phase=phases.append)
         assert phases == ["initial_mark", "concurrent_mark", "preclean", "preclean", "before_remark"]
         phases.clear()
         Collector(heap).collect(max_preclean=0, after_phase=phases.append)
@@ -323,3 +330,134 @@ def test_a_heap_in_use_is_not_closed_and_cycles_do_not_overlap():
     heap.close()
     with pytest.raises(ValueError, match="closed"):
         collector.collect()
+
+
+def test_the_remark_pass_only_reports_and_the_next_cycle_rearms(heap_backend):
+    """A page written just before the remark is reported by the remark's
+    final pass but left dirty (report-only): the next cycle's first pass
+    re-arms it, and the cycle after that finds nothing to re-arm. A first
+    pass that forgot to re-arm would leave it dirty for the third cycle."""
+    with Heap(1 << 16, backend=heap_backend) as heap:
+        r, x = heap.alloc(root=True), heap.alloc()
+        heap.set_ref(r, 0, x)
+        collector = Collector(heap)
+        collector.collect()
+        collector.collect()                      # nothing written since the last re-arm
+
+        def after_phase(phase):
+            if phase == "before_remark":
+                heap.set_ref(r, 1, x)
+
+        first = collector.collect(after_phase=after_phase)
+        assert first.remark_dirty_cards >= 1 and first.freed == 0
+        second = collector.collect(max_preclean=0)       # its first pass is its only reset
+        assert second.rearm_pages >= 1, "the remark re-armed the page: not report-only"
+        third = collector.collect(max_preclean=0)
+        assert third.rearm_pages == 0, "the second cycle's first pass did not re-arm"
+        assert third.remark_dirty_cards == 0 and is_live(heap, x)
+
+
+@pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent", "stop-the-world"])
+def test_cycle_stats_count_the_time_to_safepoint(concurrent):
+    """With mutators running, stopping them takes time that the pause
+    figures leave out; the stats report it beside them."""
+    require("pagemap_scan")
+    with Heap(4 << 20, backend="pagemap_scan") as heap:
+        populate(heap, heap.num_objects // 2, garbage=0.2)
+        with NativeMutators(heap, threads=2, rate=0):
+            stats = Collector(heap).collect(concurrent=concurrent)
+    assert stats.remark_time_to_safepoint > 0 and stats.sweep_seconds > 0
+    assert (stats.initial_mark_time_to_safepoint > 0) == concurrent
+
+
+def test_passes_walk_only_the_allocated_extent(heap_backend, page_size):
+    """A page past every object ever allocated is not walked: a write there
+    is not reported, until allocation grows the extent over it."""
+    with Heap(1 << 20, backend=heap_backend) as heap:
+        heap.alloc(root=True)
+        collector = Collector(heap)
+        collector.collect()
+        heap.view()[-1, 1] = 1                  # the last page, past the extent
+        if heap_backend == "software":          # its barrier marks what the heap API stores
+            heap.tracker.record(heap.base + heap.arena.size - page_size, 8)
+        assert collector.collect().rearm_pages == 0
+        heap.view()[-1, 1] = 0
+        for _ in range(heap.free_count):       # the extent grows over the written page
+            heap.alloc()
+        assert collector.collect().rearm_pages >= 1
+
+
+def test_an_object_allocated_past_the_extent_during_the_cycle_keeps_its_target(heap_backend):
+    """X, allocated during the concurrent mark far past the extent the
+    cycle's first pass walked, is born marked and never traced: the target
+    stored into it survives only if the remark's pass walks the grown extent."""
+    with Heap(1 << 20, backend=heap_backend) as heap:
+        heap.alloc(root=True)
+        collector = Collector(heap)
+        collector.collect()
+        z = heap.alloc()                        # unreachable when the cycle starts
+        made = []
+
+        def after_phase(phase):
+            if phase == "concurrent_mark":
+                made.extend(heap.alloc() for _ in range(4000))
+                x = made[-1]
+                heap.add_root(x)
+                heap.set_ref(x, 2, z)
+
+        stats = collector.collect(max_preclean=0, after_phase=after_phase)
+        assert is_live(heap, z) and stats.remark_dirty_cards >= 1
+        check_nothing_reachable_was_freed(heap)
+
+
+@pytest.mark.parametrize("name", ["pause_goal", "preclean_time_limit"])
+def test_pause_goal_and_preclean_time_limit_are_positive_finite_seconds(name):
+    require("pagemap_scan")
+    with Heap(1 << 16, backend="pagemap_scan") as heap:
+        for bad in (0, -1e-3, float("inf"), float("nan")):
+            with pytest.raises(ValueError, match=name):
+                Collector(heap, **{name: bad})
+        for bad in ("1ms", None, True):
+            with pytest.raises(TypeError, match=name):
+                Collector(heap, **{name: bad})
+        assert getattr(Collector(heap, **{name: 0.25}), name) == 0.25
+        assert Collector(heap).pause_goal == 0.001
+
+
+def test_precleaning_stops_once_the_predicted_remark_meets_the_goal():
+    require("pagemap_scan")
+    with Heap(1 << 20, backend="pagemap_scan") as heap:
+        heap.alloc(root=True)
+        stats = Collector(heap, pause_goal=10.0).collect(max_preclean=5)
+        assert len(stats.preclean) == 1 and not stats.outran_precleaning
+        assert 0 < stats.predicted_remark == stats.preclean[-1].predicted_remark <= 10.0
+        assert stats.pause_goal == 10.0
+
+
+def test_precleaning_goes_on_while_the_prediction_exceeds_the_goal_up_to_its_bounds():
+    """An unreachable goal: precleaning runs to its bound on rounds, or to
+    its bound on time, and says that the mutators outran it."""
+    require("pagemap_scan")
+    with Heap(1 << 20, backend="pagemap_scan") as heap:
+        heap.alloc(root=True)
+        rounds = Collector(heap, pause_goal=1e-12).collect(max_preclean=5)
+        assert len(rounds.preclean) == 5 and rounds.outran_precleaning
+        timed = Collector(heap, pause_goal=1e-12, preclean_time_limit=1e-9).collect(max_preclean=5)
+        assert len(timed.preclean) == 1 and timed.outran_precleaning
+
+
+def test_the_sweep_never_writes_into_the_tracked_arena(heap_backend):
+    """Allocation state lives in a side bitmap: freeing 5000 objects dirties
+    no page (the next cycle's first pass re-arms nothing), the freed objects
+    keep their headers, and allocated() no longer lists them."""
+    with Heap(1 << 20, backend=heap_backend) as heap:
+        kept = heap.alloc(root=True)
+        garbage = [heap.alloc() for _ in range(5000)]
+        collector = Collector(heap)
+        assert collector.collect().freed == 5000
+        assert collector.collect(max_preclean=0).rearm_pages == 0
+        index = (numpy.array(garbage) - heap.base) // heap.object_size
+        assert (heap.view()[index, 0] == HEADER_LIVE).all()
+        assert heap.allocated().tolist() == [(kept - heap.base) // heap.object_size]
+        again = heap.alloc()                    # reuses a freed object, zeroed
+        assert again in garbage and heap.get_ref(again, 0) == 0 and heap.live_count == 2
