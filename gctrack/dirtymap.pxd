@@ -19,7 +19,7 @@ A write that lands between a pass's take and its re-protect falls on a unit
 that this pass reports.
 """
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
-from gctrack.backend cimport PassCounts, RegionSink
+from gctrack.backend cimport BackendCore, PassCounts, RegionSink
 from gctrack.linux cimport gct_page_region, GCT_PAGE_IS_WRITTEN
 
 
@@ -98,6 +98,19 @@ cdef int dirtymap_init(DirtyMap *m, uintptr_t base, size_t size, unsigned unit_s
                        unsigned page_shift) noexcept nogil
 cdef void dirtymap_free(DirtyMap *m) noexcept nogil
 cdef void dirtymap_clear(DirtyMap *m, uintptr_t start, uintptr_t end) noexcept nogil
+ctypedef struct DirtyMapCore:
+    # The first member of every backend whose writes are caught one at a
+    # time by a handler (mprotect, uffd_sync): a BackendCore* of theirs is a
+    # DirtyMapCore*, and the dirtymap_core_* functions are their BackendCore
+    # record, re-arm and bracket entries.
+    BackendCore base
+    DirtyMap dirty
+
+
+cdef int dirtymap_core_record(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil
+cdef int dirtymap_core_rearm(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil
+cdef int dirtymap_core_begin_external(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil
+cdef int dirtymap_core_end_external(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil
 cdef int dirtymap_protect_unheld(DirtyMap *m, uintptr_t start, uintptr_t end) noexcept nogil
 cdef int dirtymap_record_writable(DirtyMap *m, uintptr_t start, uintptr_t end,
                                   const char **failed_operation) noexcept nogil

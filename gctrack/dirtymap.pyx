@@ -4,7 +4,7 @@ from libc.errno cimport EINVAL, ENOMEM, EOVERFLOW
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t, UINT32_MAX
 from libc.stdlib cimport calloc, free
 
-from gctrack.backend cimport PassCounts, RegionSink
+from gctrack.backend cimport BackendCore, PassCounts, RegionSink
 from gctrack.linux cimport gct_page_region, GCT_PAGE_IS_WRITTEN
 
 
@@ -221,6 +221,26 @@ cdef int dirtymap_end_external(DirtyMap *m, uintptr_t start, uintptr_t end,
         failed_operation[0] = "closing an external-write bracket that is not open"
     allow(m)
     return rc
+
+
+cdef int dirtymap_core_record(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil:
+    """record(): [start, end) dirty and writable, as the handler would make it."""
+    return dirtymap_record_writable(&(<DirtyMapCore *>core).dirty, start, end,
+                                    &core.failed_operation)
+
+
+cdef int dirtymap_core_rearm(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil:
+    return dirtymap_rearm(&(<DirtyMapCore *>core).dirty, start, end, &core.failed_operation)
+
+
+cdef int dirtymap_core_begin_external(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil:
+    return dirtymap_begin_external(&(<DirtyMapCore *>core).dirty, start, end,
+                                   &core.failed_operation)
+
+
+cdef int dirtymap_core_end_external(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil:
+    return dirtymap_end_external(&(<DirtyMapCore *>core).dirty, start, end,
+                                 &core.failed_operation)
 
 
 cdef inline uint64_t lowest_bits(uint64_t x, uint64_t k) noexcept nogil:

@@ -23,9 +23,10 @@ from posix.mman cimport mprotect, PROT_READ, PROT_WRITE
 
 from gctrack.arena cimport Arena
 from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink, gct_touch_byte
-from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_pass,
-                               dirtymap_record_writable, dirtymap_rearm,
-                               dirtymap_begin_external, dirtymap_end_external, gct_bits_load)
+from gctrack.dirtymap cimport (DirtyMapCore, dirtymap_init, dirtymap_free, dirtymap_pass,
+                               dirtymap_core_record, dirtymap_core_rearm,
+                               dirtymap_core_begin_external, dirtymap_core_end_external,
+                               gct_bits_load)
 
 import os
 
@@ -45,8 +46,7 @@ cdef extern from "gctrack/mprotect_handler.h" nogil:
 
 
 ctypedef struct MprotectCore:
-    BackendCore base            # first, so a BackendCore* is an MprotectCore*
-    DirtyMap dirty
+    DirtyMapCore shared         # first, so a BackendCore* is a DirtyMapCore* and a MprotectCore*
     int slot
     char handler_problem[256]   # failed_operation when the handler was replaced
 
@@ -66,7 +66,7 @@ cdef int check_handler(MprotectCore *core) noexcept nogil:
     gct_mp_describe_handler(core.handler_problem, size)
     strncat(core.handler_problem, "; the arena is now writable and all dirty",
             size - 1 - strlen(core.handler_problem))
-    core.base.failed_operation = core.handler_problem
+    core.shared.base.failed_operation = core.handler_problem
     gct_mp_open_slot(core.slot)
     return -EBUSY
 
@@ -77,7 +77,7 @@ cdef int mprotect_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint r
     gct_mp_begin_pass(core.slot)
     cdef int rc = check_handler(core)
     if rc == 0:
-        rc = dirtymap_pass(&core.dirty, start, end, reset, max_pages, sink, counts,
+        rc = dirtymap_pass(&core.shared.dirty, start, end, reset, max_pages, sink, counts,
                            &base.failed_operation)
     gct_mp_end_pass(core.slot)
     return rc
@@ -95,30 +95,14 @@ cdef void allow_handlers(void *ctx) noexcept nogil:
     gct_mp_end_pass((<MprotectCore *>ctx).slot)
 
 
-cdef int record_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
-    """Mark [start, end) dirty and writable, as the handler would."""
-    return dirtymap_record_writable(&(<MprotectCore *>base).dirty, start, end,
-                                    &base.failed_operation)
-
-
 cdef int rearm_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
     cdef MprotectCore *core = <MprotectCore *>base
     gct_mp_begin_pass(core.slot)
     cdef int rc = check_handler(core)
     gct_mp_end_pass(core.slot)
-    if rc == 0:                 # dirtymap_rearm takes the exclusion itself
-        rc = dirtymap_rearm(&core.dirty, start, end, &base.failed_operation)
+    if rc == 0:                 # dirtymap_core_rearm takes the exclusion itself
+        rc = dirtymap_core_rearm(base, start, end)
     return rc
-
-
-cdef int begin_external(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
-    return dirtymap_begin_external(&(<MprotectCore *>base).dirty, start, end,
-                                   &base.failed_operation)
-
-
-cdef int end_external(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
-    return dirtymap_end_external(&(<MprotectCore *>base).dirty, start, end,
-                                 &base.failed_operation)
 
 
 def handler_faults():
@@ -135,43 +119,43 @@ Read-only pages and a SIGSEGV handler that records the first write to each."""
 
     def __cinit__(self, Arena arena not None, vector_len=None):
         self.c.slot = -1
-        self.attach(arena, &self.c.base, b"mprotect", arena.page_size)
-        self.c.base.run_pass = mprotect_pass
-        self.c.base.rearm = rearm_range
-        self.c.base.record = record_range
-        self.c.base.begin_external = begin_external
-        self.c.base.end_external = end_external
-        self.c.dirty.protect = protect_range
-        self.c.dirty.unprotect = unprotect_range
-        self.c.dirty.exclude = exclude_handlers
-        self.c.dirty.allow = allow_handlers
-        self.c.dirty.protect_ctx = &self.c
+        self.attach(arena, &self.c.shared.base, b"mprotect", arena.page_size)
+        self.c.shared.base.run_pass = mprotect_pass
+        self.c.shared.base.rearm = rearm_range
+        self.c.shared.base.record = dirtymap_core_record
+        self.c.shared.base.begin_external = dirtymap_core_begin_external
+        self.c.shared.base.end_external = dirtymap_core_end_external
+        self.c.shared.dirty.protect = protect_range
+        self.c.shared.dirty.unprotect = unprotect_range
+        self.c.shared.dirty.exclude = exclude_handlers
+        self.c.shared.dirty.allow = allow_handlers
+        self.c.shared.dirty.protect_ctx = &self.c
         cdef unsigned shift = arena.page_size.bit_length() - 1
         cdef int rc
         try:
-            if dirtymap_init(&self.c.dirty, self.c.base.start, arena.size, shift, shift):
+            if dirtymap_init(&self.c.shared.dirty, self.c.shared.base.start, arena.size, shift, shift):
                 raise MemoryError()
             # One write before the first mprotect gives the arena's mapping its
             # anon_vma, which every piece that per-page protection splits off
             # then shares, so passes and close() merge the pieces back. Without
             # it each written page of a never-touched arena keeps a mapping of
             # its own, thousands a pass, up to vm.max_map_count.
-            gct_touch_byte(<char *>self.c.base.start)
+            gct_touch_byte(<char *>self.c.shared.base.start)
             self.register_arena(shift)
             with nogil:
-                rc = rearm_range(&self.c.base, self.c.base.start, self.c.base.end)
+                rc = rearm_range(&self.c.shared.base, self.c.shared.base.start, self.c.shared.base.end)
             if rc:
-                raise TrackerError(-rc, self.c.base.failed_operation.decode())
+                raise TrackerError(-rc, self.c.shared.base.failed_operation.decode())
             self.prove_handler_works()
         except BaseException:
             self.release()
             raise
-        self.core = &self.c.base
+        self.core = &self.c.shared.base
 
     cdef int register_arena(self, unsigned shift) except -1:
         cdef char problem[256]
-        cdef int slot = gct_mp_register(self.c.base.start, self.c.base.end - self.c.base.start,
-                                        self.c.dirty.words, shift)
+        cdef int slot = gct_mp_register(self.c.shared.base.start, self.c.shared.base.end - self.c.shared.base.start,
+                                        self.c.shared.dirty.words, shift)
         if slot == -ENOSPC:
             raise TrackerError(ENOSPC, "registering the arena with the SIGSEGV handler",
                                f"at most {GCT_MP_MAX_ARENAS} arenas")
@@ -186,27 +170,27 @@ Read-only pages and a SIGSEGV handler that records the first write to each."""
     cdef int prove_handler_works(self) except -1:
         """Write to one armed page (an atomic add of 0 keeps its contents),
         check that the handler recorded it, and re-arm the page."""
-        cdef uintptr_t page = self.c.base.start
+        cdef uintptr_t page = self.c.shared.base.start
         cdef int rc
         with nogil:
             gct_touch_byte(<char *>page)
-        if not gct_bits_load(&self.c.dirty.words[0]) & 1:
+        if not gct_bits_load(&self.c.shared.dirty.words[0]) & 1:
             raise UnsupportedError("mprotect", "a write to an armed page did not reach "
                                    "gctrack's SIGSEGV handler")
         with nogil:
-            rc = rearm_range(&self.c.base, page, page + self.c.base.granularity)
+            rc = rearm_range(&self.c.shared.base, page, page + self.c.shared.base.granularity)
         if rc:
-            raise TrackerError(-rc, self.c.base.failed_operation.decode())
+            raise TrackerError(-rc, self.c.shared.base.failed_operation.decode())
         return 0
 
     cdef void release(self) noexcept:
         if self.c.slot >= 0:
-            mprotect(<void *>self.c.base.start, self.c.base.end - self.c.base.start,
+            mprotect(<void *>self.c.shared.base.start, self.c.shared.base.end - self.c.shared.base.start,
                      PROT_READ | PROT_WRITE)
             if not gct_mp_unregister(self.c.slot):
-                self.c.dirty.words = NULL   # a forked child: a parent's thread may have been using it
+                self.c.shared.dirty.words = NULL   # a forked child: a parent's thread may have been using it
             self.c.slot = -1
-        dirtymap_free(&self.c.dirty)
+        dirtymap_free(&self.c.shared.dirty)
         self.detach()
 
     def __dealloc__(self):

@@ -16,9 +16,9 @@ from posix.unistd cimport close, read, write
 
 from gctrack.arena cimport Arena
 from gctrack.backend cimport Backend, BackendCore, PassCounts, RegionSink, gct_touch_byte
-from gctrack.dirtymap cimport (DirtyMap, dirtymap_init, dirtymap_free, dirtymap_pass,
-                               dirtymap_record, dirtymap_record_writable, dirtymap_rearm,
-                               dirtymap_begin_external, dirtymap_end_external)
+from gctrack.dirtymap cimport (DirtyMapCore, dirtymap_init, dirtymap_free, dirtymap_pass,
+                               dirtymap_record, dirtymap_core_record, dirtymap_core_rearm,
+                               dirtymap_core_begin_external, dirtymap_core_end_external)
 from gctrack.linux cimport (gct_uffd_msg, GCT_UFFD_USER_MODE_ONLY, GCT_UFFD_EVENT_PAGEFAULT,
                             GCT_UFFD_FEATURE_WP_UNPOPULATED, uffd_open, uffd_api,
                             uffd_register_wp, uffd_unregister, uffd_wake, uffd_writeprotect)
@@ -44,8 +44,7 @@ cdef extern from "<sys/eventfd.h>" nogil:
 
 
 ctypedef struct UffdSyncCore:
-    BackendCore base            # first, so a BackendCore* is a UffdSyncCore*
-    DirtyMap dirty
+    DirtyMapCore shared         # first, so a BackendCore* is a DirtyMapCore* and a UffdSyncCore*
     int uffd
     int stop_fd                 # eventfd that tells the handler to exit
     pthread_t handler
@@ -61,16 +60,16 @@ cdef int protect_range(void *ctx, uintptr_t start, uintptr_t end) noexcept nogil
 
 cdef void resolve_fault(UffdSyncCore *core, uint64_t address) noexcept nogil:
     """Record the page, then un-protect it (which wakes its writer)."""
-    cdef uintptr_t page = address & ~(<uintptr_t>core.base.granularity - 1)
+    cdef uintptr_t page = address & ~(<uintptr_t>core.shared.base.granularity - 1)
     cdef int rc = -EAGAIN
     pthread_mutex_lock(&core.exclusion)
-    dirtymap_record(&core.dirty, page)
+    dirtymap_record(&core.shared.dirty, page)
     while rc == -EAGAIN:       # the mm is changing under us: try again
-        rc = uffd_writeprotect(core.uffd, page, core.base.granularity, False)
+        rc = uffd_writeprotect(core.uffd, page, core.shared.base.granularity, False)
     pthread_mutex_unlock(&core.exclusion)
     if rc:
         core.handler_error = rc                   # sticky: every later pass reports it
-        uffd_wake(core.uffd, page, core.base.granularity)   # never leave the writer blocked
+        uffd_wake(core.uffd, page, core.shared.base.granularity)   # never leave the writer blocked
     core.faults += 1
 
 
@@ -78,7 +77,7 @@ cdef void *give_up(UffdSyncCore *core, int err) noexcept nogil:
     """The handler cannot go on: record the error (every later pass reports
     it) and un-protect everything, so that no writer ever blocks again."""
     core.handler_error = err
-    uffd_writeprotect(core.uffd, core.base.start, core.base.end - core.base.start, False)
+    uffd_writeprotect(core.uffd, core.shared.base.start, core.shared.base.end - core.shared.base.start, False)
     return NULL
 
 
@@ -117,7 +116,7 @@ cdef int sync_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset
         base.failed_operation = "fault handler thread"
         return rc
     pthread_mutex_lock(&core.exclusion)
-    rc = dirtymap_pass(&core.dirty, start, end, reset, max_pages, sink, counts,
+    rc = dirtymap_pass(&core.shared.dirty, start, end, reset, max_pages, sink, counts,
                        &base.failed_operation)
     pthread_mutex_unlock(&core.exclusion)
     return rc
@@ -134,28 +133,6 @@ cdef void exclude_handler(void *ctx) noexcept nogil:
 
 cdef void allow_handler(void *ctx) noexcept nogil:
     pthread_mutex_unlock(&(<UffdSyncCore *>ctx).exclusion)
-
-
-cdef int record_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
-    """Mark [start, end) dirty and writable, as the handler would; the next
-    pass re-arms it. This also re-arms pages whose write-protect markers a
-    discard (MADV_DONTNEED) dropped without telling anyone."""
-    return dirtymap_record_writable(&(<UffdSyncCore *>base).dirty, start, end,
-                                    &base.failed_operation)
-
-
-cdef int rearm_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
-    return dirtymap_rearm(&(<UffdSyncCore *>base).dirty, start, end, &base.failed_operation)
-
-
-cdef int begin_external(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
-    return dirtymap_begin_external(&(<UffdSyncCore *>base).dirty, start, end,
-                                   &base.failed_operation)
-
-
-cdef int end_external(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
-    return dirtymap_end_external(&(<UffdSyncCore *>base).dirty, start, end,
-                                 &base.failed_operation)
 
 
 cdef class UffdSyncBackend(Backend):
@@ -179,20 +156,20 @@ userfaultfd write-protect in synchronous mode, with a handler thread.
     def __cinit__(self, Arena arena not None, vector_len=None):
         self.c.uffd = -1
         self.c.stop_fd = -1
-        self.attach(arena, &self.c.base, b"uffd_sync", arena.page_size)
-        self.c.base.run_pass = sync_pass
-        self.c.base.rearm = rearm_range
-        self.c.base.record = record_range
-        self.c.base.begin_external = begin_external
-        self.c.base.end_external = end_external
-        self.c.dirty.protect = protect_range
-        self.c.dirty.unprotect = unprotect_range
-        self.c.dirty.exclude = exclude_handler
-        self.c.dirty.allow = allow_handler
-        self.c.dirty.protect_ctx = &self.c
+        self.attach(arena, &self.c.shared.base, b"uffd_sync", arena.page_size)
+        self.c.shared.base.run_pass = sync_pass
+        self.c.shared.base.rearm = dirtymap_core_rearm
+        self.c.shared.base.record = dirtymap_core_record
+        self.c.shared.base.begin_external = dirtymap_core_begin_external
+        self.c.shared.base.end_external = dirtymap_core_end_external
+        self.c.shared.dirty.protect = protect_range
+        self.c.shared.dirty.unprotect = unprotect_range
+        self.c.shared.dirty.exclude = exclude_handler
+        self.c.shared.dirty.allow = allow_handler
+        self.c.shared.dirty.protect_ctx = &self.c
         pthread_mutex_init(&self.c.exclusion, NULL)
         try:
-            if dirtymap_init(&self.c.dirty, self.c.base.start, arena.size,
+            if dirtymap_init(&self.c.shared.dirty, self.c.shared.base.start, arena.size,
                              arena.page_size.bit_length() - 1, arena.page_size.bit_length() - 1):
                 raise MemoryError()
             self.open_uffd(arena)
@@ -201,7 +178,7 @@ userfaultfd write-protect in synchronous mode, with a handler thread.
         except BaseException:
             self.release()
             raise
-        self.core = &self.c.base
+        self.core = &self.c.shared.base
 
     cdef open_uffd(self, Arena arena):
         """A full userfaultfd where permitted (kernel writes fault too), else user-mode only."""
@@ -226,7 +203,7 @@ userfaultfd write-protect in synchronous mode, with a handler thread.
             raise userfaultfd_unsupported("uffd_sync", "UFFDIO_API", -rc)
 
     cdef arm(self, Arena arena):
-        cdef int rc = uffd_register_wp(self.c.uffd, self.c.base.start, arena.size)
+        cdef int rc = uffd_register_wp(self.c.uffd, self.c.shared.base.start, arena.size)
         if rc == -EINVAL:
             raise UnsupportedError("uffd_sync", "UFFDIO_REGISTER: write-protect mode rejected: "
                                    "kernel older than 5.7", EINVAL)
@@ -242,7 +219,7 @@ userfaultfd write-protect in synchronous mode, with a handler thread.
             raise TrackerError(rc, "pthread_create", "fault handler thread")
         self.c.handler_alive = True
         with nogil:
-            rc = rearm_range(&self.c.base, self.c.base.start, self.c.base.end)
+            rc = dirtymap_core_rearm(&self.c.shared.base, self.c.shared.base.start, self.c.shared.base.end)
         if rc:
             raise TrackerError(-rc, "UFFDIO_WRITEPROTECT")
 
@@ -250,13 +227,13 @@ userfaultfd write-protect in synchronous mode, with a handler thread.
         """UnsupportedError unless the handler thread catches a write: write
         the first page (an atomic add of 0 keeps its contents), check that
         the handler recorded it, and re-arm it."""
-        cdef uintptr_t page = self.c.base.start
+        cdef uintptr_t page = self.c.shared.base.start
         cdef bint caught
         cdef int rc
         with nogil:
             gct_touch_byte(<char *>page)
-            caught = (self.c.dirty.words[0] & 1) != 0
-            rc = rearm_range(&self.c.base, page, page + self.c.base.granularity)
+            caught = (self.c.shared.dirty.words[0] & 1) != 0
+            rc = dirtymap_core_rearm(&self.c.shared.base, page, page + self.c.shared.base.granularity)
         if not caught:
             raise UnsupportedError("uffd_sync", "a write to an armed page never reached the "
                                    "fault handler thread", errno_codes.ENOTSUP)
@@ -275,15 +252,15 @@ userfaultfd write-protect in synchronous mode, with a handler thread.
             # Wake every blocked writer, then unregister explicitly: a forked
             # child's copy of the descriptor would otherwise keep the range
             # registered, and the next write here would block until it exits.
-            uffd_writeprotect(self.c.uffd, self.c.base.start,
-                              self.c.base.end - self.c.base.start, False)
+            uffd_writeprotect(self.c.uffd, self.c.shared.base.start,
+                              self.c.shared.base.end - self.c.shared.base.start, False)
         if self.c.handler_alive and here:
             write(self.c.stop_fd, &one, sizeof(one))
             with nogil:
                 pthread_join(self.c.handler, NULL)
         self.c.handler_alive = False
         if self.registered and here:
-            uffd_unregister(self.c.uffd, self.c.base.start, self.c.base.end - self.c.base.start)
+            uffd_unregister(self.c.uffd, self.c.shared.base.start, self.c.shared.base.end - self.c.shared.base.start)
         self.registered = False
         if self.c.uffd >= 0:
             close(self.c.uffd)
@@ -291,7 +268,7 @@ userfaultfd write-protect in synchronous mode, with a handler thread.
         if self.c.stop_fd >= 0:
             close(self.c.stop_fd)
             self.c.stop_fd = -1
-        dirtymap_free(&self.c.dirty)
+        dirtymap_free(&self.c.shared.dirty)
         self.detach()
 
     def __dealloc__(self):
