@@ -25,16 +25,23 @@ VECTOR_LEN = 4096
 REFERENCES = ("pagemap_scan", "raw_c", "untracked")
 
 
+def compile_library(tmp_path_factory, source: str, *include_dirs: str) -> Path:
+    """benchmarks/<source> compiled now into a shared library (with gctrack's
+    headers on the include path); skips the benchmark without a C compiler."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        pytest.skip(f"no C compiler for {source}")
+    library = tmp_path_factory.mktemp(Path(source).stem) / f"{Path(source).stem}.so"
+    includes = [f"-I{folder}" for folder in (gctrack.get_include(), *include_dirs)]
+    subprocess.run([compiler, "-O2", "-shared", "-fPIC", *includes, str(HERE / source),
+                    "-o", str(library)], check=True)
+    return library
+
+
 @pytest.fixture(scope="session")
 def raw_c(tmp_path_factory):
     """The raw C pass (raw_pass.c), compiled now and loaded with ctypes."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        pytest.skip("no C compiler for the raw C reference")
-    library = tmp_path_factory.mktemp("raw") / "raw_pass.so"
-    subprocess.run([compiler, "-O2", "-shared", "-fPIC", f"-I{gctrack.get_include()}",
-                    str(HERE / "raw_pass.c"), "-o", str(library)], check=True)
-    lib = ctypes.CDLL(str(library))
+    lib = ctypes.CDLL(str(compile_library(tmp_path_factory, "raw_pass.c")))
     lib.raw_arm.argtypes = [ctypes.c_uint64, ctypes.c_uint64]
     lib.raw_pass.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p,
                              ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint]

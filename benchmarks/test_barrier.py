@@ -2,15 +2,12 @@
 inline gct_barrier_mark() of gctrack.h, and the capsule's record(), side by
 side on one pre-faulted arena (benchmarks/barrier.c)."""
 import ctypes
-import os
-import shutil
-import subprocess
 import sysconfig
 
 import pytest
 
 import gctrack
-from conftest import HERE, MiB
+from conftest import MiB, compile_library
 
 STORES = 1_000_000
 #: Implementation (as the summary names it) -> store_loop's mode.
@@ -19,13 +16,7 @@ MODES = {"untracked": 0, "inline_barrier": 1, "capsule_record": 2}
 
 @pytest.fixture(scope="module")
 def barrier_lib(tmp_path_factory):
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        pytest.skip("no C compiler")
-    library = tmp_path_factory.mktemp("barrier") / "barrier.so"
-    subprocess.run([compiler, "-O2", "-shared", "-fPIC", f"-I{gctrack.get_include()}",
-                    f"-I{sysconfig.get_paths()['include']}", str(HERE / "barrier.c"),
-                    "-o", str(library)], check=True)
+    library = compile_library(tmp_path_factory, "barrier.c", sysconfig.get_paths()["include"])
     with_gil = ctypes.PyDLL(str(library))        # bind() needs the GIL and may raise
     with_gil.bind.argtypes = [ctypes.py_object, ctypes.py_object]
     without_gil = ctypes.CDLL(str(library))
