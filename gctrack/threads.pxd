@@ -30,3 +30,17 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex)
     int pthread_cond_timedwait(pthread_cond_t *cond, pthread_mutex_t *mutex,
                                const timespec *abstime)
+
+
+cdef extern from *:
+    """
+    /* A spin-wait hint: lets a sibling hyperthread run, saves power. */
+    static inline void gct_cpu_relax(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+    #elif defined(__aarch64__)
+        __asm__ __volatile__("yield");
+    #endif
+    }
+    """
+    void gct_cpu_relax() nogil
