@@ -57,3 +57,8 @@ class CycleStats:
     #: precleaning stopped at its bound on rounds or time with the prediction
     #: still above the goal: the mutators dirty cards faster than it cleans them
     outran_precleaning: bool = False
+    #: threads that shared the remark's rescan (and, where the backend can
+    #: split it, its final pass): the collector's own and its GC workers
+    remark_threads: int = 1
+    #: of remark_pause, the final tracking pass (report-only)
+    remark_pass_seconds: float = 0.0
