@@ -34,7 +34,7 @@ def test_constructors_have_signatures():
         gctrack.Heap: ["size", "object_size", "backend", "card_size", "max_roots",
                        "verify_barriers"],
         gctrack.BarrierVerifier: ["arena", "cards"],
-        gctrack.Collector: ["heap", "pause_goal", "preclean_time_limit"],
+        gctrack.Collector: ["heap", "pause_goal", "preclean_time_limit", "workers"],
         gctrack.NativeMutators: ["heap", "threads", "rate", "roots_per_thread", "seed"],
     }
     for cls, names in expected.items():
