@@ -1,6 +1,7 @@
 # cython: language_level=3
 """POSIX threads, declared once for every module (Cython ships no pthread.pxd)."""
 from posix.time cimport timespec
+from posix.types cimport clockid_t
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -16,6 +17,8 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_create(pthread_t *thread, const void *attr,
                        void *(*start)(void *) noexcept nogil, void *arg)
     int pthread_join(pthread_t thread, void **retval)
+    pthread_t pthread_self()
+    int pthread_getcpuclockid(pthread_t thread, clockid_t *clock_id)
     int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
     int pthread_mutex_destroy(pthread_mutex_t *mutex)
     int pthread_mutex_lock(pthread_mutex_t *mutex)
