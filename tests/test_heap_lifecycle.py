@@ -12,6 +12,7 @@ import time
 import numpy
 import pytest
 
+from conftest import work_done
 from gctrack.arena import Arena
 from gctrack.collector import Collector
 from gctrack.heap import Heap
@@ -55,12 +56,6 @@ def heap():
 
 
 # ---- stopping the world nests -------------------------------------------------------
-
-def work_done(mutators):
-    """stats() without cpu_seconds: a thread's clock still ticks for the
-    microseconds between counting itself parked and sleeping."""
-    return {key: value for key, value in mutators.stats().items() if key != "cpu_seconds"}
-
 
 def test_a_paused_world_stays_paused_through_a_collect(heap):
     with NativeMutators(heap, threads=2, rate=0) as mutators:
