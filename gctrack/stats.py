@@ -57,8 +57,9 @@ class CycleStats:
     #: precleaning stopped at its bound on rounds or time with the prediction
     #: still above the goal: the mutators dirty cards faster than it cleans them
     outran_precleaning: bool = False
-    #: threads that shared the remark's rescan (and, where the backend can
-    #: split it, its final pass): the collector's own and its GC workers
+    #: threads that shared the remark's rescan: the collector's own and the
+    #: GC workers that joined (the final pass splits on its own terms:
+    #: pagemap_scan, over an extent of 128 MiB or more)
     remark_threads: int = 1
     #: of remark_pause, the final tracking pass (report-only)
     remark_pass_seconds: float = 0.0
