@@ -410,13 +410,23 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
                                    DEFAULT_CARD_COST)
         return walk * self.extent.size + card * dirty
 
-    cdef uintptr_t cut_extent(self) noexcept:
-        """Cut the cards down to the heap's allocated extent, cleared, for
-        the next pass; returns where that pass ends."""
+    cdef uintptr_t cut_extent(self, bint clear=True) noexcept:
+        """Cut the cards down to the heap's allocated extent, for the next
+        pass; returns where that pass ends. ``clear=False`` when they are
+        clear already (see clear_cards_before_remark)."""
         cdef uintptr_t end = heap_extent_end(&self.heap.core, self.extent_align)
         self.extent = cut_cards(&self.cards.bits, end)
-        cards_clear(&self.extent)
+        if clear:
+            cards_clear(&self.extent)
         return end
+
+    cdef void clear_cards_before_remark(self) noexcept:
+        """Clear the cards of the last pass's extent with the mutators still
+        running, so that the remark's pass need not (a 1 GiB heap's cards
+        are 256 KiB). Cards past that extent were never marked: the extent
+        never shrinks, and a pass marks only inside its own."""
+        with nogil:
+            cards_clear(&self.extent)
 
     cdef int passed(self, int rc, str where) except -1:
         """After a pass: raise for its error, else show its cards to the
@@ -440,10 +450,10 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
 
     cdef PassCounts final_pass(self) except *:
         """The remark's pass: report-only, split across the worker threads
-        where the backend can; the GIL stays held (Python mutators too must
-        stay stopped)."""
+        where the backend can, into cards cleared before the world stopped;
+        the GIL stays held (Python mutators too must stay stopped)."""
         cdef PassCounts counts
-        cdef uintptr_t end = self.cut_extent()
+        cdef uintptr_t end = self.cut_extent(clear=False)
         cdef int rc = tracker_owner_report(&self.heap.tracker.core, &self.heap.core, &self.extent,
                                            end, &self.pool, self.workers, &counts)
         self.passed(rc, "in the collector's remark")
@@ -607,6 +617,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         # final pass only reports: nothing runs between it and the rescan, so
         # re-arming would only add TLB flushes to the pause; step 1 of the
         # next cycle re-arms those pages.
+        self.clear_cards_before_remark()
         remark_safepoint = self.stop_world_timed()
         t0 = now()
         try:
