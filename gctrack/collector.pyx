@@ -230,6 +230,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
     cdef readonly double preclean_time_limit
     cdef double walk_cost           # seconds per byte a pass walks (< 0: not measured yet)
     cdef double card_cost           # seconds per dirty card rescanned (< 0: not measured yet)
+    cdef double stop_requested      # when the last stop_world_timed() asked the mutators to stop
 
     def __repr__(self):
         return f"<gctrack.Collector of {self.heap!r}, {self.cards.card_size} B cards>"
@@ -258,7 +259,13 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         until the last mutator parked (part of the pause the mutators see)."""
         cdef double requested = now()
         self.heap.stop_world()
+        self.stop_requested = requested
         return now() - requested
+
+    cdef tuple pause_span(self):
+        """The pause that just ended, right after resume_world(): (stop
+        requested, resumed) in CLOCK_MONOTONIC seconds (time.monotonic())."""
+        return (self.stop_requested, now())
 
     cdef void learn(self, double pass_seconds, double rescan_seconds, size_t dirty) noexcept:
         """Fold one pass and the rescan after it into the cost model."""
@@ -356,11 +363,13 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
             freed = sweep(h)
         finally:
             self.heap.resume_world()
+        span = self.pause_span()
         return CycleStats(backend=self.heap.backend, concurrent=False, live=self.heap.live_count,
                           freed=freed, initial_mark_pause=0.0, concurrent_mark_seconds=0.0,
                           preclean=(), remark_pause=marked - started, remark_dirty_cards=0,
                           full_mark_seconds=marked - started, sweep_seconds=now() - marked,
-                          remark_time_to_safepoint=to_safepoint, pause_goal=self.pause_goal)
+                          remark_time_to_safepoint=to_safepoint, pause_goal=self.pause_goal,
+                          pause_spans=(span,))
 
     cdef object concurrent_cycle(self, int max_preclean, object after_phase):
         cdef HeapCore *h = &self.heap.core
@@ -383,6 +392,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         mark_roots(h, &self.stack)
         t1 = now()
         self.heap.resume_world()
+        initial_span = self.pause_span()
         initial_pause = t1 - t0
         if after_phase is not None:
             after_phase("initial_mark")
@@ -432,6 +442,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
             self.heap.verify_barriers_at_remark()    # a debug aid, not counted in remark_pause
         finally:
             self.heap.resume_world()
+        remark_span = self.pause_span()
         self.check_stack()
         remark_pause = t1 - t0
         self.learn(counts.seconds, remark_pause - counts.seconds, dirty)
@@ -447,4 +458,5 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
                           initial_mark_time_to_safepoint=initial_safepoint,
                           remark_time_to_safepoint=remark_safepoint, rearm_pages=rearm.pages,
                           pause_goal=self.pause_goal, predicted_remark=predicted,
-                          outran_precleaning=predicted > self.pause_goal)
+                          outran_precleaning=predicted > self.pause_goal,
+                          pause_spans=(initial_span, remark_span))

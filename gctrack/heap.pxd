@@ -107,6 +107,7 @@ cdef class Heap:
     cdef CardTable barrier_cards
     cdef str verify_mode                                 # "raise" or "record"
     cdef list missed_batches
+    cdef CardTable reported              # reported_cards: every pass's cards ORed in, or None
 
     cdef int check_open(self) except -1
     cdef uintptr_t checked_object(self, object obj, str what) except 0

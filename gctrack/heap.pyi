@@ -2,6 +2,7 @@ import numpy
 import numpy.typing as npt
 
 from gctrack.arena import Arena
+from gctrack.cards import CardTable
 from gctrack.tracker import Tracker
 from gctrack.verifier import BarrierVerifier
 
@@ -31,6 +32,12 @@ class Heap:
     def missed_barriers(self) -> npt.NDArray[numpy.void]:
         """Every missed barrier recorded (verify_barriers="record")."""
         ...
+    @property
+    def reported_cards(self) -> CardTable | None:
+        """The union of the cards every collector pass reported since it was set."""
+        ...
+    @reported_cards.setter
+    def reported_cards(self, cards: CardTable | None) -> None: ...
     @property
     def object_size(self) -> int: ...
     @property

@@ -296,10 +296,30 @@ Fixed-size objects in a tracked Arena; see heap.pxd for the layout.
         return 0
 
     cdef int note_dirty_cards(self, CardTable cards) except -1:
-        """The collector reports each pass's cards: what the barrier marked."""
+        """The collector reports each pass's cards: what the barrier marked,
+        and what reported_cards accumulates."""
         if self.verifier is not None:
             cards_or(&self.barrier_cards.bits, &cards.bits)
+        if self.reported is not None:
+            cards_or(&self.reported.bits, &cards.bits)
         return 0
+
+    @property
+    def reported_cards(self):
+        """None, or a CardTable over the heap's arena with its card size, into
+        which every tracking pass of a Collector ORs the cards it reported:
+        their union since it was set (a measure of the tracking's precision).
+        Set it to None to stop."""
+        return self.reported
+
+    @reported_cards.setter
+    def reported_cards(self, CardTable cards):
+        if cards is not None and (cards.bits.base != self.core.base
+                                  or cards.bits.size != self.arena.size
+                                  or cards.card_size != self.card_size):
+            raise ValueError(f"reported_cards must cover the heap's arena with {self.card_size} B "
+                             f"cards, got {cards!r}")
+        self.reported = cards
 
     cdef int verify_barriers_at_remark(self) except -1:
         """With the world stopped: judge the stores since the last remark.

@@ -57,3 +57,9 @@ class CycleStats:
     #: precleaning stopped at its bound on rounds or time with the prediction
     #: still above the goal: the mutators dirty cards faster than it cleans them
     outran_precleaning: bool = False
+    #: each pause as (stopped, resumed) in CLOCK_MONOTONIC seconds, the clock
+    #: of time.monotonic(): from the stop request (time to safepoint included)
+    #: until the mutators were released. A concurrent cycle has two, the
+    #: initial mark's and the remark's; a stop-the-world cycle has one. What a
+    #: minimum-mutator-utilisation curve is computed from
+    pause_spans: tuple[tuple[float, float], ...] = ()
