@@ -68,7 +68,7 @@ class Plan:
 
     def specs(self) -> list[RunSpec]:
         """Every run, repeat by repeat; in each workload setting the baseline comes first."""
-        settings = []
+        settings: list[tuple[str, tuple[tuple[str, float], ...]]] = []
         for workload in self.workloads:
             if workload == "gcold" and self.sweep:
                 settings += [(workload, ((SWEEP_PARAM, ratio),)) for ratio in self.sweep]
@@ -552,7 +552,7 @@ def run_plan(plan: Plan, results: Results, support: dict) -> bool:
     recorded and the set goes on. Returns whether Ctrl-C cut it short."""
     specs = plan.specs()
     progress = bench.Progress(len(specs))
-    baselines: dict[tuple, float] = {}
+    baselines: dict[tuple, dict] = {}
     try:
         for spec in specs:
             try:
