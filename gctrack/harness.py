@@ -65,6 +65,7 @@ class Plan:
     sweep: tuple[float, ...]         #: gcold's old_store_ratio values
     occupancy: float = 0.8           #: a cycle starts once this share of the heap is allocated
     max_interval: float = 0.5        #: ... or once this long has passed since the last one
+    warmup: float = 0.2              #: the mutators run this long (and set up) before the window
 
     def specs(self) -> list[RunSpec]:
         """Every run, repeat by repeat; in each workload setting the baseline comes first."""
@@ -80,7 +81,7 @@ class Plan:
 
 
 QUICK = Plan(heap_mib=32, seconds=0.6, threads=2, repeat=1, workloads=WORKLOADS,
-             backends=GC_BACKENDS, sweep=(0.05, 0.3, 0.9), max_interval=0.2)
+             backends=GC_BACKENDS, sweep=(0.05, 0.3, 0.9), max_interval=0.2, warmup=0.1)
 FULL = Plan(heap_mib=256, seconds=4.0, threads=2, repeat=1, workloads=WORKLOADS,
             backends=GC_BACKENDS, sweep=(0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0))
 
@@ -222,8 +223,9 @@ def pretouch(heap) -> None:
 
 
 def prepare(heap, workload: str) -> None:
-    """The object graph a workload starts from, when it does not build its own."""
-    if workload == "rewire" and not hasattr(mutator, "WORKLOADS"):
+    """The object graph a workload starts from, when it does not build its own:
+    rewire's is half the heap, a fifth of it garbage (40 % live)."""
+    if workload == "rewire":
         mutator.populate(heap, int(heap.num_objects * 0.5), garbage=0.2)
 
 
@@ -244,38 +246,59 @@ def usage() -> dict:
             "major_faults": r.ru_majflt}
 
 
+#: How long the mutators may take to set up before a run is given up.
+SETUP_LIMIT = 60.0
+
+
 @dataclass
 class Window:
-    """What happened between the mutators' start and their stop."""
+    """What happened between the window's opening and the mutators' stop."""
 
     start: float
-    end: float
+    end: float = 0.0
     cycles: list = field(default_factory=list)
-    usage: dict = field(default_factory=dict)      #: deltas of usage()
-    stats: dict = field(default_factory=dict)      #: the mutators' totals
+    usage: dict = field(default_factory=dict)      #: deltas of usage() over the window
+    stats: dict = field(default_factory=dict)      #: deltas of the mutators' totals
     params: dict = field(default_factory=dict)
     work_unit: str = "operations"
 
 
+def open_window(mutators) -> tuple[Window, dict, dict]:
+    """A window opening now, with the usage and mutator totals it starts from."""
+    return Window(start=time.monotonic()), usage(), mutators.stats()
+
+
+def set_up(mutators, started: float, warmup: float) -> bool:
+    """The warm-up is over: ``warmup`` seconds since the start, and the
+    workload's set-up done (its first work unit counted)."""
+    if time.monotonic() - started > SETUP_LIMIT:
+        raise RuntimeError(f"the workload did no work in {SETUP_LIMIT:g} s: its set-up never ended")
+    return time.monotonic() - started >= warmup and work_done(mutators.stats()) > 0
+
+
 def drive(collector, heap, mutators, plan: Plan, concurrent: bool) -> Window:
-    """Run the mutators for plan.seconds, starting a cycle whenever due();
-    the window closes when the mutators have stopped (a cycle that is
-    running at the deadline finishes first)."""
-    before = usage()
+    """Start the mutators; the driver starts a cycle whenever due(). The
+    window opens after the warm-up (cycles before it are not counted) and
+    closes plan.seconds later, once the mutators have stopped: a cycle
+    running at the deadline finishes first."""
+    window = None
     with mutators:
-        window = Window(start=time.monotonic(), end=0.0)
-        last, deadline = window.start, window.start + plan.seconds
-        while (now := time.monotonic()) < deadline:
-            if due(heap.free_count, heap.num_objects, plan.occupancy, now - last,
+        started = last = time.monotonic()
+        while window is None or time.monotonic() < window.start + plan.seconds:
+            if window is None and set_up(mutators, started, plan.warmup):
+                window, before, totals = open_window(mutators)
+            if due(heap.free_count, heap.num_objects, plan.occupancy, time.monotonic() - last,
                    plan.max_interval):
-                window.cycles.append(collector.collect(concurrent=concurrent))
+                cycle = collector.collect(concurrent=concurrent)
                 last = time.monotonic()
+                if window is not None:
+                    window.cycles.append(cycle)
             else:
                 time.sleep(POLL_SECONDS)
     window.end = time.monotonic()
-    after = usage()
+    after, stats = usage(), mutators.stats()
     window.usage = {k: after[k] - before[k] for k in after}
-    window.stats = mutators.stats()
+    window.stats = {k: stats[k] - totals[k] for k in stats}
     window.params = dict(getattr(mutators, "params", {}) or {})
     window.work_unit = getattr(mutators, "work_unit", "operations")
     return window
