@@ -345,6 +345,11 @@ def add_bench(sub) -> None:
                                               "a positive number of seconds"),
                     help="each run's measured time (default 4; 0.6 with --quick)")
     gc.add_argument("--threads", type=POSITIVE, help="mutator threads (default 2)")
+    gc.add_argument("--sweep", type=NOT_NEGATIVE, nargs="+", metavar="RATIO",
+                    help="gcold's old_store_ratio values, stores into the old tree per "
+                         "short-lived object (default: "
+                         f"{' '.join(f'{r:g}' for r in harness.FULL.sweep)}; "
+                         f"{' '.join(f'{r:g}' for r in harness.QUICK.sweep)} with --quick)")
     gc.set_defaults(run=cmd_bench_gc)
 
 

@@ -81,9 +81,9 @@ class Plan:
 
 
 QUICK = Plan(heap_mib=32, seconds=0.6, threads=2, repeat=1, workloads=WORKLOADS,
-             backends=GC_BACKENDS, sweep=(0.05, 0.3, 0.9), max_interval=0.2, warmup=0.1)
+             backends=GC_BACKENDS, sweep=(0.03, 0.3, 3.0), max_interval=0.2, warmup=0.1)
 FULL = Plan(heap_mib=256, seconds=4.0, threads=2, repeat=1, workloads=WORKLOADS,
-            backends=GC_BACKENDS, sweep=(0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0))
+            backends=GC_BACKENDS, sweep=(0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0))
 
 
 @dataclass(frozen=True)
@@ -768,6 +768,8 @@ def plan_for(args) -> Plan:
     for name in ("heap_mib", "seconds", "threads"):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
+    if getattr(args, "sweep", None):
+        changes["sweep"] = tuple(sorted(set(args.sweep)))
     return replace(plan, **changes)
 
 

@@ -223,8 +223,10 @@ def test_bad_arguments_fail_at_parse_time(option, value, named, tmp_path):
 
 def test_plan_for_the_command_line():
     args = SimpleNamespace(quick=True, repeat=3, workload=["rewire", "rewire"],
-                           backend=["software"], heap_mib=None, seconds=0.25, threads=None)
+                           backend=["software"], heap_mib=None, seconds=0.25, threads=None,
+                           sweep=[0.3, 0.1, 0.3])
     plan = harness.plan_for(args)
     assert plan.workloads == ("rewire",) and plan.backends == ("software",)
+    assert plan.sweep == (0.1, 0.3)
     assert plan.repeat == 3 and plan.seconds == 0.25 and plan.heap_mib == harness.QUICK.heap_mib
     assert len(plan.specs()) == 6 and plan.specs()[0] == RunSpec("rewire", "untracked", (), 0)
