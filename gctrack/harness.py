@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy
 
@@ -41,7 +42,9 @@ BASELINE = "untracked"
 #: The baseline's heap still needs a tracker: the first of these that works,
 #: armed once and never passed (see baseline_heap).
 BASELINE_BACKENDS = ("pagemap_scan", "mprotect", "uffd_sync", "software")
-#: The workloads this build of the mutators offers.
+#: NativeMutators with workloads, parameters, stored_cards and work units
+#: (issue 13); older ones run rewire only and count operations.
+HAS_WORKLOADS = hasattr(mutator, "WORKLOADS")
 WORKLOADS: tuple[str, ...] = getattr(mutator, "WORKLOADS", ("rewire",))
 #: The GCOld sweep varies this parameter.
 SWEEP_PARAM = "old_store_ratio"
@@ -231,12 +234,18 @@ def prepare(heap, workload: str) -> None:
 
 def make_mutators(heap, spec: RunSpec, threads: int, stored):
     """The run's NativeMutators, unthrottled; ``stored`` receives the card of
-    every reference store (where the mutators can record it)."""
-    if not hasattr(mutator, "WORKLOADS"):
-        return gctrack.NativeMutators(heap, threads=threads, rate=0.0, seed=1 + spec.repeat)
+    every reference store."""
+    options: dict[str, Any] = {}
+    if HAS_WORKLOADS:
+        options = {"workload": spec.workload, "params": dict(spec.params) or None,
+                   "stored_cards": stored}
     return gctrack.NativeMutators(heap, threads=threads, rate=0.0, seed=1 + spec.repeat,
-                                  workload=spec.workload, params=dict(spec.params) or None,
-                                  stored_cards=stored)
+                                  **options)
+
+
+def work_done(stats: dict) -> int:
+    """The workload's own work units; operations for mutators that count none."""
+    return stats.get("work_units", stats["stores"] + stats["allocations"] + stats["root_changes"])
 
 
 def usage() -> dict:
@@ -259,8 +268,8 @@ class Window:
     cycles: list = field(default_factory=list)
     usage: dict = field(default_factory=dict)      #: deltas of usage() over the window
     stats: dict = field(default_factory=dict)      #: deltas of the mutators' totals
-    params: dict = field(default_factory=dict)
-    work_unit: str = "operations"
+    params: dict = field(default_factory=dict)       #: the workload's, defaults filled in
+    work_unit: str = ""
 
 
 def open_window(mutators) -> tuple[Window, dict, dict]:
@@ -299,29 +308,26 @@ def drive(collector, heap, mutators, plan: Plan, concurrent: bool) -> Window:
     after, stats = usage(), mutators.stats()
     window.usage = {k: after[k] - before[k] for k in after}
     window.stats = {k: stats[k] - totals[k] for k in stats}
-    window.params = dict(getattr(mutators, "params", {}) or {})
+    window.params = dict(getattr(mutators, "params", {}))
     window.work_unit = getattr(mutators, "work_unit", "operations")
     return window
 
 
-def work_done(stats: dict) -> int:
-    """The workload's own work units; operations for mutators that count none."""
-    if "work_units" in stats:
-        return stats["work_units"]
-    return stats["stores"] + stats["allocations"] + stats["root_changes"]
-
-
-def precision(stored, reported) -> dict | None:
-    """Cards that received a reference store (truth) against cards the
-    tracking reported; a card stored into and never reported is a lost write."""
+def precision(stored, reported, counts: dict) -> dict | None:
+    """How exactly the tracking reported the cards that received reference
+    stores, at the collector's own intervals: ``counts`` (Heap.card_counts)
+    sums, over the passes, the cards each reported and, of them, those a
+    store marked since they were last reported. ``stored`` holds the marks
+    no pass settled; one on a card that no pass ever reported (``reported``,
+    the union) is a lost write."""
     if stored is None or reported is None:
         return None
     union = stored.copy()
     union |= reported
-    truth, said = stored.count(), reported.count()
-    return {"truth_cards": truth, "reported_cards": said,
-            "precision": (truth / said) if said else None,
-            "lost_cards": union.count() - said}
+    return {"passes": counts["passes"], "reported_cards": counts["reported"],
+            "stored_cards": counts["stored"],
+            "precision": counts["stored"] / counts["reported"] if counts["reported"] else None,
+            "unsettled_cards": stored.count(), "lost_cards": union.count() - reported.count()}
 
 
 def phase_spans(cycles) -> dict[str, list[tuple[float, float]]]:
@@ -374,6 +380,18 @@ def cpu_metrics(window: Window) -> dict:
             "collector": None if mutators_cpu is None else max(0.0, total - mutators_cpu)}
 
 
+def watch_cards(heap, tracked: bool) -> tuple:
+    """(stored, reported): the card tables a tracked run's precision is
+    measured with, set on the heap; (None, None) for the baseline."""
+    if not tracked:
+        return None, None
+    reported = gctrack.CardTable.for_arena(heap.arena, heap.card_size)
+    stored = (gctrack.CardTable.for_arena(heap.arena, heap.card_size) if HAS_WORKLOADS
+              else None)                    # older mutators mark no cards
+    heap.stored_cards, heap.reported_cards = stored, reported
+    return stored, reported
+
+
 def run_one(spec: RunSpec, plan: Plan, support: dict) -> dict:
     """One run, measured; the record that results.json keeps (throughput_ratio
     is filled in by the caller, which knows the baseline)."""
@@ -384,15 +402,13 @@ def run_one(spec: RunSpec, plan: Plan, support: dict) -> dict:
         prepare(heap, spec.workload)
         collector = gctrack.Collector(heap)
         collector.collect(concurrent=spec.tracked)        # warm-up, and a re-arm when tracked
-        cards = lambda: gctrack.CardTable.for_arena(heap.arena, heap.card_size)  # noqa: E731
-        stored = cards() if hasattr(mutator, "WORKLOADS") else None
-        reported = cards() if spec.tracked else None
-        heap.reported_cards = reported
+        stored, reported = watch_cards(heap, spec.tracked)
         mutators = make_mutators(heap, spec, plan.threads, stored)
         window = drive(collector, heap, mutators, plan, spec.tracked)
         if spec.tracked:
             collector.collect()                 # its first pass reports every write left
-        heap.reported_cards = None
+        found = precision(stored, reported, heap.card_counts)
+        heap.reported_cards = heap.stored_cards = None
     seconds = window.end - window.start
     work = work_done(window.stats)
     spans = [s for c in window.cycles for s in c.pause_spans]
@@ -409,7 +425,7 @@ def run_one(spec: RunSpec, plan: Plan, support: dict) -> dict:
         "cpu": cpu_metrics(window),
         "minor_faults": window.usage["minor_faults"],
         "major_faults": window.usage["major_faults"],
-        "precision": precision(stored, reported) if spec.tracked else None,
+        "precision": found,
         **cycle_metrics(window.cycles),
         "mutator_stats": window.stats,
     }
@@ -502,7 +518,7 @@ CSV_FIELDS = ("workload", "backend", "params", "repeat", "heap_backend", "work_u
               "pause_p90", "pause_p99", "pause_max", "initial_mark_p50", "initial_mark_ttsp_p50",
               "remark_p50", "remark_p99", "remark_max", "remark_ttsp_p50", "mmu_1ms", "mmu_10ms",
               "mmu_100ms", "cpu_user", "cpu_system", "cpu_mutator", "cpu_collector",
-              "minor_faults", "precision", "lost_cards", "cycles", "alloc_stalls", "stall_seconds",
+              "minor_faults", "precision", "lost_cards", "unsettled_cards", "cycles", "alloc_stalls", "stall_seconds",
               "violations")
 
 
@@ -521,7 +537,8 @@ def csv_row(run: dict) -> dict:
         **{f"mmu_{ms}ms": curve.get(round(ms / 1e3, 6)) for ms in (1, 10, 100)},
         **{f"cpu_{k}": v for k, v in run["cpu"].items()},
         "precision": run["precision"]["precision"] if run["precision"] else None,
-        "lost_cards": run["precision"]["lost_cards"] if run["precision"] else None,
+        **{key: run["precision"][key] if run["precision"] else None
+           for key in ("lost_cards", "unsettled_cards")},
         **{k: stats.get(k) for k in ("alloc_stalls", "stall_seconds", "violations")},
     }
     return {name: row[name] if name in row else run.get(name) for name in CSV_FIELDS}
@@ -672,7 +689,8 @@ def plot(document: dict, out: Path) -> list[Path]:
         paths.append(plot_mmu(plt, rows, workload, caption, out / f"mmu-{workload}.png"))
         runs = [r for r in document["runs"] if r["workload"] == workload
                 and r["params"].get(SWEEP_PARAM) == rows[0]["params"].get(SWEEP_PARAM)]
-        paths.append(plot_pauses(plt, runs, workload, caption, out / f"pauses-{workload}.png"))
+        paths.append(plot_pauses(plt, runs, setting_title(rows, workload), caption,
+                                 out / f"pauses-{workload}.png"))
     sweep = [r for r in document["summary"] if r["workload"] == "gcold" and SWEEP_PARAM in r["params"]]
     if len({r["params"][SWEEP_PARAM] for r in sweep}) > 1:
         paths.append(plot_sweep(plt, sweep, caption, out / "gcold-sweep.png"))
@@ -685,6 +703,11 @@ def representative(rows: list[dict], workload: str) -> list[dict]:
     values = sorted({r["params"].get(SWEEP_PARAM, 0) for r in rows})
     pick = values[len(values) // 2]
     return [r for r in rows if r["params"].get(SWEEP_PARAM, 0) == pick]
+
+
+def color(backend: str) -> str:
+    """The same colour for a backend in every plot."""
+    return f"C{(BASELINE, *GC_BACKENDS).index(backend)}"
 
 
 def finish(plt, figure, ax, caption: str, path: Path) -> Path:
@@ -705,7 +728,8 @@ def plot_mmu(plt, rows: list[dict], workload: str, caption: str, path: Path) -> 
     figure, ax = plt.subplots(figsize=(7.5, 4.8))
     for row in rows:
         if row["mmu"]:
-            ax.plot(*zip(*row["mmu"]), marker=".", label=row["backend"])
+            ax.plot(*zip(*row["mmu"]), marker=".", color=color(row["backend"]),
+                    label=row["backend"])
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("window (s)")
@@ -714,41 +738,55 @@ def plot_mmu(plt, rows: list[dict], workload: str, caption: str, path: Path) -> 
     return finish(plt, figure, ax, caption, path)
 
 
-def plot_pauses(plt, runs: list[dict], workload: str, caption: str, path: Path) -> Path:
+def plot_pauses(plt, runs: list[dict], title: str, caption: str, path: Path) -> Path:
     """The CDF of each phase's pauses, pooled over the repeats: the remark
     (or the baseline's whole pause) solid, the initial mark dotted."""
     figure, ax = plt.subplots(figsize=(7.5, 4.8))
-    for k, backend in enumerate(dict.fromkeys(r["backend"] for r in runs)):
+    for backend in dict.fromkeys(r["backend"] for r in runs):
         for phase, style in (("remark", "-"), ("stop_the_world", "-"), ("initial_mark", ":")):
             lengths = sorted((b - a) * 1e3 for r in runs if r["backend"] == backend
                              for a, b in r["pause_spans"].get(phase, ()))
             if lengths:
                 ax.step(lengths, numpy.arange(1, len(lengths) + 1) / len(lengths), where="post",
-                        linestyle=style, color=f"C{k}",
+                        linestyle=style, color=color(backend),
                         label=f"{backend} {phase.replace('_', ' ')} ({len(lengths)})")
     ax.set_xscale("log")
     ax.set_xlabel("pause, stop request to resume (ms)")
     ax.set_ylabel("fraction of pauses at most this long")
-    ax.set_title(f"pauses, {workload}")
+    ax.set_title(f"pauses, {title}")
     return finish(plt, figure, ax, caption, path)
 
 
+def median_and_errors(cells: list, scale: float = 1.0) -> tuple[list, list | None]:
+    """Medians, and matplotlib's yerr from their intervals (None without any)."""
+    medians = [c["median"] * scale if c else numpy.nan for c in cells]
+    if not any(c and c["ci"] for c in cells):
+        return medians, None
+    low = [m - c["ci"][0] * scale if c and c["ci"] else 0 for m, c in zip(medians, cells)]
+    high = [c["ci"][1] * scale - m if c and c["ci"] else 0 for m, c in zip(medians, cells)]
+    return medians, [low, high]
+
+
 def plot_sweep(plt, rows: list[dict], caption: str, path: Path) -> Path:
-    """Throughput ratio and remark against gcold's old-store ratio, per backend."""
+    """Throughput ratio and remark against gcold's old-store ratio, per
+    backend, with the confidence intervals of --repeat as error bars."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4.6))
     for backend in dict.fromkeys(r["backend"] for r in rows):
         mine = sorted((r["params"][SWEEP_PARAM], r) for r in rows if r["backend"] == backend)
         xs = [x for x, _ in mine]
-        ratio = [r["throughput_ratio"]["median"] if r["throughput_ratio"] else None for _, r in mine]
-        remark = [r["remark_p50"]["median"] * 1e3 if r["remark_p50"] else None for _, r in mine]
+        style = {"marker": "o", "capsize": 3, "color": color(backend), "label": backend}
         if backend != BASELINE:
-            left.plot(xs, ratio, marker="o", label=backend)
-        right.plot(xs, remark, marker="o", label=backend)
-    left.set_xlabel(SWEEP_PARAM)
+            ratio, errors = median_and_errors([r["throughput_ratio"] for _, r in mine])
+            left.errorbar(xs, ratio, yerr=errors, **style)
+        remark, errors = median_and_errors([r["remark_p50"] for _, r in mine], 1e3)
+        right.errorbar(xs, remark, yerr=errors, **style)
+    for ax in (left, right):
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xlabel(f"{SWEEP_PARAM}: stores into the old tree per short-lived object")
+    left.axhline(1.0, color="0.6", linewidth=0.8)
     left.set_ylabel("throughput / untracked baseline")
     left.set_title("mutator throughput")
-    right.set_xlabel(SWEEP_PARAM)
-    right.set_ylabel("remark pause p50 (ms; baseline: its full pause)")
+    right.set_ylabel("remark pause p50 (ms; baseline: its whole pause)")
     right.set_yscale("log")
     right.set_title("remark")
     left.legend(fontsize=8)

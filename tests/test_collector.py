@@ -412,6 +412,30 @@ def test_reported_cards_accumulate_every_pass_of_every_cycle(heap_backend):
         assert union.count() == 0, "a detached table still received cards"
 
 
+def test_card_counts_settle_the_stored_marks_at_each_pass(heap_backend):
+    with Heap(2 << 20, backend=heap_backend) as heap:
+        a, b = heap.alloc(root=True), heap.alloc(root=True)
+        collector = Collector(heap)
+        collector.collect()
+        stored = gctrack.CardTable.for_arena(heap.arena, heap.card_size)
+        heap.stored_cards = stored
+        assert heap.stored_cards is stored
+        assert heap.card_counts == {"passes": 0, "reported": 0, "stored": 0}
+        heap.set_ref(a, 0, b)
+        stored.mark_range(a + 8, 8)                 # the store's mark, as a mutator makes it
+        never_written = heap.base + heap.arena.size - 64
+        stored.mark_range(never_written, 8)         # a mark with no store behind it
+        stats = collector.collect()
+        counts = heap.card_counts
+        assert counts["passes"] == 2 + len(stats.preclean)
+        assert counts["stored"] == 1
+        assert counts["reported"] == max(1, heap.tracker.granularity // heap.card_size)
+        assert not stored.is_dirty(a + 8), "a reported mark is settled"
+        assert stored.is_dirty(never_written), "what no pass reported stays marked"
+        heap.stored_cards = None
+        assert heap.card_counts["passes"] == 0
+
+
 def test_passes_walk_only_the_allocated_extent(heap_backend, page_size):
     """A page past every object ever allocated is not walked: a write there
     is not reported, until allocation grows the extent over it."""

@@ -99,17 +99,21 @@ def test_the_plan_runs_each_baseline_before_its_tracked_runs_repeat_by_repeat():
     assert [s.repeat for s in specs] == [0] * 9 + [1] * 9
 
 
-def test_precision_counts_lost_cards():
+def test_precision_is_per_pass_and_a_mark_no_pass_reported_is_a_lost_write():
     stored = gctrack.CardTable(1 << 20, 1 << 16, card_size=512)
     reported = stored.copy()
-    stored.mark_range((1 << 20) + 1000, 1)
-    reported.mark_range(1 << 20, 4096)                  # a page: 8 cards
-    assert harness.precision(stored, reported) == {
-        "truth_cards": 1, "reported_cards": 8, "precision": 0.125, "lost_cards": 0}
-    stored.mark_range((1 << 20) + 8192, 1)
-    assert harness.precision(stored, reported)["lost_cards"] == 1
-    run = {"precision": harness.precision(stored, reported), "mutator_stats": {"violations": 0}}
+    reported.mark_range(1 << 20, 4096)                  # a page: 8 cards, reported
+    stored.mark_range((1 << 20) + 1000, 1)              # left marked, on a reported card
+    counts = {"passes": 3, "reported": 40, "stored": 10}
+    assert harness.precision(stored, reported, counts) == {
+        "passes": 3, "reported_cards": 40, "stored_cards": 10, "precision": 0.25,
+        "unsettled_cards": 1, "lost_cards": 0}
+    stored.mark_range((1 << 20) + 8192, 1)              # marked, and never reported
+    found = harness.precision(stored, reported, counts)
+    assert found["lost_cards"] == 1 and found["unsettled_cards"] == 2
+    run = {"precision": found, "mutator_stats": {"violations": 0}}
     assert harness.problems(run)[0].startswith("LOST WRITES: 1 cards")
+    assert harness.precision(None, None, counts) is None
 
 
 def tiny_plan(**changes):
@@ -170,6 +174,17 @@ def check_run_schema(run: dict) -> None:
     assert run["paused_seconds"] == pytest.approx(sum(b - a for a, b in spans))
 
 
+def check_precision(run: dict) -> None:
+    found = run["precision"]
+    if not harness.HAS_WORKLOADS:                # mutators that mark no stored cards
+        assert found is None
+        return
+    assert found["lost_cards"] == 0 and found["passes"] > 2 * run["cycles"]
+    assert 0 < found["stored_cards"] <= found["reported_cards"]
+    assert found["precision"] == found["stored_cards"] / found["reported_cards"]
+    assert found["precision"] <= 0.5, "a page reports 8 cards of 512 B; few get a store each"
+
+
 def test_a_tiny_real_run_writes_the_documented_outputs(tmp_path):
     require("pagemap_scan")
     done = run_cli("--workload", "rewire", "--backend", "pagemap_scan", "--repeat", "2",
@@ -192,9 +207,7 @@ def test_a_tiny_real_run_writes_the_documented_outputs(tmp_path):
     assert set(baseline["phases"]) == {"stop_the_world"}
     assert set(tracked["phases"]) == {"initial_mark", "remark"}
     assert tracked["phases"]["remark"]["ttsp"]["p50"] > 0
-    if tracked["precision"] is not None:        # mutators that record their stores
-        assert tracked["precision"]["lost_cards"] == 0
-        assert 0 < tracked["precision"]["precision"] <= 1
+    check_precision(tracked)
     assert document["complete"] is True and document["failures"] == []
     row = next(r for r in document["summary"] if r["backend"] == "pagemap_scan")
     assert row["repeats"] == 2 and row["throughput_ratio"]["level"] == 0.5
