@@ -11,6 +11,7 @@ import pytest
 
 import gctrack
 from conftest import CARD_SIZE, VECTOR_LEN, MiB, RawArena, require, written_offsets
+from gctrack.testing import SplitReporter
 
 SIZES = {"256MiB": 256 * MiB, "1GiB": 1024 * MiB}
 FRACTIONS = [0.001, 0.01, 0.1, 1.0]
@@ -62,3 +63,40 @@ def test_collect_pass(benchmark, arenas, fraction, impl):
     pages = benchmark.pedantic(side.run_pass, setup=dirty_the_pages, rounds=15, iterations=1,
                                warmup_rounds=1)
     assert pages == len(offsets)
+
+
+@pytest.fixture(scope="module")
+def populated_gib(raw_c):
+    """A pre-faulted 1 GiB arena, armed, one page in 97 written: a remark's
+    report-only walk over it, split or not, against raw_walk() of raw_pass.c."""
+    require("pagemap_scan")
+    arena = gctrack.Arena(1024 * MiB)
+    arena.prefault()
+    tracker = gctrack.Tracker(arena, backend="pagemap_scan", vector_len=VECTOR_LEN)
+    cards = gctrack.CardTable.for_arena(arena, CARD_SIZE)
+    tracker.collect(cards)
+    numpy.asarray(arena)[::97 * arena.page_size] = 1
+    yield arena, tracker, cards
+    tracker.close()
+    arena.close()
+
+
+@pytest.mark.parametrize("impl", ["split_1", "split_2", "split_default", "raw_c"])
+def test_report_only_walk(benchmark, populated_gib, raw_c, impl):
+    """Report-only passes leave the pages dirty, so every round walks the same."""
+    arena, tracker, cards = populated_gib
+    benchmark.group = "report-only walk, 1 GiB, 1 page in 97 written"
+    expected = -(-arena.num_pages // 97)
+    if impl == "raw_c":
+        pagemap = open("/proc/self/pagemap", "rb", buffering=0)
+        vec = numpy.zeros(VECTOR_LEN * 3, dtype=numpy.uint64)
+        pages = benchmark.pedantic(
+            raw_c.raw_walk, args=(pagemap.fileno(), arena.address, arena.address + arena.size,
+                                  vec.ctypes.data, VECTOR_LEN), rounds=25, iterations=1, warmup_rounds=2)
+        pagemap.close()
+    else:
+        workers = None if impl == "split_default" else int(impl.rsplit("_", 1)[1])
+        with SplitReporter(tracker, workers=workers) as reporter:
+            pages = benchmark.pedantic(lambda: reporter.report(cards)[2], rounds=25, iterations=1,
+                                       warmup_rounds=2)
+    assert pages == expected

@@ -1,10 +1,11 @@
 """The remark against the kernel's limit, and the pause goal under load.
 
 1 GiB heaps, 75 % populated, two native mutators. Per backend, the median
-remark of concurrent cycles at 7*10^4 operations/s per thread; for
-pagemap_scan, beside it, a single-thread report-only PAGEMAP_SCAN walk of the
-same arena in raw C, timed in the same run with the mutators parked (the
-floor the final pass stands on). Then pagemap_scan with unthrottled
+remark of concurrent cycles at 7*10^4 operations/s per thread, split across
+the default number of GC workers (and, for pagemap_scan, on one thread too);
+for pagemap_scan, beside it, a single-thread report-only PAGEMAP_SCAN walk of
+the same arena in raw C, timed in the same run with the mutators parked (the
+floor a one-thread final pass stands on). Then pagemap_scan with unthrottled
 mutators and the default pause goal, cycle after cycle.
 
 Run: pytest benchmarks/test_remark.py --benchmark-columns=median,rounds -s
@@ -55,7 +56,10 @@ def cycle_figures(cycles):
     return dict(
         remark_median_us=statistics.median(remarks) * 1e6,
         remark_p90_us=percentile(remarks, 90) * 1e6, remark_max_us=max(remarks) * 1e6,
+        remark_pass_median_us=statistics.median(c.remark_pass_seconds for c in cycles) * 1e6,
+        remark_threads=[c.remark_threads for c in cycles],
         remark_ttsp_median_us=statistics.median(c.remark_time_to_safepoint for c in cycles) * 1e6,
+        remark_ttsp_p90_us=percentile([c.remark_time_to_safepoint for c in cycles], 90) * 1e6,
         initial_ttsp_median_us=statistics.median(
             c.initial_mark_time_to_safepoint for c in cycles) * 1e6,
         predicted_median_us=statistics.median(c.predicted_remark for c in cycles) * 1e6,
@@ -66,12 +70,17 @@ def cycle_figures(cycles):
         freed_min=min(c.freed for c in cycles))
 
 
-@pytest.mark.parametrize("impl", ["pagemap_scan", "mprotect", "uffd_sync", "software"])
-def test_remark_at_7e4_ops(benchmark, raw_c, impl):
+@pytest.mark.parametrize("impl, workers", [("pagemap_scan", 1), ("pagemap_scan", None),
+                                           ("mprotect", None), ("uffd_sync", None),
+                                           ("software", None)],
+                         ids=["pagemap_scan-1thread", "pagemap_scan", "mprotect", "uffd_sync",
+                              "software"])
+def test_remark_at_7e4_ops(benchmark, raw_c, impl, workers):
+    """workers=None: the default, a remark split across the CPUs."""
     require(impl)
     with Heap(HEAP, backend=impl) as heap:
         populate(heap, int(heap.num_objects * 0.75), garbage=0.2)
-        collector = Collector(heap)
+        collector = Collector(heap, workers=workers)
         collector.collect(concurrent=False)
         walk = RawWalk(raw_c, heap) if impl == "pagemap_scan" else None
         cycles, walks = [], []
@@ -94,8 +103,9 @@ def test_remark_at_7e4_ops(benchmark, raw_c, impl):
             figures["raw_walk_median_us"] = statistics.median(walks) * 1e6
             figures["remark_over_raw_walk"] = (figures["remark_median_us"]
                                                / figures["raw_walk_median_us"])
+        figures["workers"] = collector.workers
         benchmark.extra_info.update(figures)
-        print(f"\n{impl}: {figures}")
+        print(f"\n{impl}, {collector.workers} workers: {figures}")
         assert violations == 0
 
 

@@ -35,6 +35,12 @@ ctypedef struct BackendCore:
     # the next pass. Returns 0 or -errno.
     int (*run_pass)(BackendCore *core, uintptr_t start, uintptr_t end, bint reset,
                     uint64_t max_pages, RegionSink *sink, PassCounts *counts) noexcept nogil
+    # Report without re-arming what was written in [start, end), like
+    # run_pass(reset=False), into a region vector of its own: safe on several
+    # threads at once over disjoint ranges (a split final pass). NULL where
+    # the backend has no such pass. 0 or -errno.
+    int (*report_range)(BackendCore *core, uintptr_t start, uintptr_t end, RegionSink *sink,
+                        PassCounts *counts) noexcept nogil
     # Re-arm [start, end) without reporting anything; 0 or -errno.
     int (*rearm)(BackendCore *core, uintptr_t start, uintptr_t end) noexcept nogil
     # Declare a write to [start, end) (inside the range) that has completed,

@@ -35,11 +35,14 @@ from gctrack.cards cimport CardBits, CardTable, cards_clear, cards_next_clean, c
 from gctrack.dirtymap cimport gct_bits_load
 from gctrack.heap cimport (Heap, HeapCore, heap_extent_end, heap_is_allocated, heap_is_object,
                            heap_load)
-from gctrack.tracker cimport tracker_owner_pass
+from gctrack.tracker cimport tracker_owner_pass, tracker_owner_report
+from gctrack.workers cimport (MAX_WORKERS, Chunks, WorkerPool, chunk_size_for, chunks_init,
+                              chunks_take, pool_run, pool_start, pool_stop)
 from gctrack.threads cimport pthread_mutex_lock, pthread_mutex_unlock
 
 from gctrack.errors import TrackerError
 from gctrack.stats import CycleStats, PrecleanPass
+from gctrack.workers import default_workers
 
 cdef extern from *:
     """
@@ -114,21 +117,23 @@ cdef inline bint is_marked(const HeapCore *h, size_t index) noexcept nogil:
     return (gct_bits_load(&h.marks[index >> 6]) >> (index & 63)) & 1
 
 
-cdef uint64_t rescan_dirty(HeapCore *h, const CardBits *cards, GrayStack *s,
+cdef uint64_t rescan_dirty(HeapCore *h, const CardBits *cards, size_t first_card, GrayStack *s,
                            size_t *dirty_cards) noexcept nogil:
-    """Rescan every marked object that overlaps a dirty card; returns how many.
-    Counts the dirty cards on the way (*dirty_cards): the walk visits every
-    run of them anyway, so a separate count would read the table twice."""
+    """Rescan every marked object that overlaps a dirty card of ``cards``
+    from first_card on; returns how many. Counts the dirty cards on the way
+    (*dirty_cards): the walk visits every run of them anyway, so a separate
+    count would read the table twice."""
     cdef uint64_t rescanned = 0
-    cdef size_t first = cards_next_dirty(cards, 0), after, index, last, dirty = 0
+    cdef size_t first = cards_next_dirty(cards, first_card), after, index, last, dirty = 0
     cdef uintptr_t start, end
+    cdef uintptr_t heap_end = h.base + (h.num_objects << h.object_shift)
     while first < cards.num_cards:
         after = cards_next_clean(cards, first)
         dirty += after - first
         start = cards.base + (<uintptr_t>first << cards.card_shift)
         end = cards.base + (<uintptr_t>after << cards.card_shift)
-        if end > h.base + (h.num_objects << h.object_shift):
-            end = h.base + (h.num_objects << h.object_shift)
+        if end > heap_end:
+            end = heap_end
         index = (start - h.base) >> h.object_shift
         last = (end - 1 - h.base) >> h.object_shift
         while index <= last:
@@ -139,6 +144,45 @@ cdef uint64_t rescan_dirty(HeapCore *h, const CardBits *cards, GrayStack *s,
         first = cards_next_dirty(cards, after)
     dirty_cards[0] = dirty
     return rescanned
+
+
+# ---- the remark's rescan, split across GC worker threads ---------------------------------
+
+# Fewer dirty cards than this (tens of microseconds of rescan) gain less
+# from a split than waking a worker costs.
+cdef size_t MIN_SPLIT_DIRTY_CARDS = 256
+# Dirty cards cluster where the mutators allocate and store: many small
+# chunks even the threads' shares out. Shorter chunks than the minimum cost
+# more in hand-offs than they save.
+cdef size_t RESCAN_CHUNKS_PER_THREAD = 64
+cdef uintptr_t MIN_RESCAN_CHUNK = 1 << 20
+
+ctypedef struct SplitRescan:
+    HeapCore *heap
+    const CardBits *cards
+    Chunks chunks                       # byte ranges of the cards, on words of card bits
+    GrayStack *stacks[MAX_WORKERS]      # one gray stack per participant
+    size_t dirty[MAX_WORKERS]           # dirty cards each participant found
+
+
+cdef void rescan_chunks(void *ctx, size_t participant) noexcept nogil:
+    """One participant's share of the remark: rescan the marked objects on
+    the dirty cards of chunks until none is left, then trace from them on
+    its own gray stack. Marking is an atomic test-and-set, so every object
+    is scanned by one participant only."""
+    cdef SplitRescan *split = <SplitRescan *>ctx
+    cdef const CardBits *cards = split.cards
+    cdef GrayStack *s = split.stacks[participant]
+    cdef uintptr_t lo, hi
+    cdef size_t dirty, total = 0
+    cdef CardBits chunk
+    while chunks_take(&split.chunks, &lo, &hi):
+        chunk = cut_cards(cards, hi)       # searches for dirty cards stop at the chunk's end
+        rescan_dirty(split.heap, &chunk, (lo - cards.base) >> cards.card_shift, s, &dirty)
+        total += dirty
+        drain(split.heap, s)
+    drain(split.heap, s)                # participant 0's stack starts with the roots
+    split.dirty[participant] = total
 
 
 # ---- sweeping -------------------------------------------------------------------------
@@ -198,9 +242,44 @@ cdef double checked_seconds(object value, str name) except -1.0:
     return seconds
 
 
+def checked_workers(workers):
+    """``workers`` as an int in 1..MAX_WORKERS (None: the default), or a typed error."""
+    if workers is None:
+        return default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral):
+        raise TypeError(f"workers must be an int or None, got {type(workers).__name__}")
+    workers = operator.index(workers)
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers must be in 1..{MAX_WORKERS}, got {workers}")
+    return workers
+
+
 cdef inline double learned(double estimate, double sample) noexcept nogil:
     """An exponentially weighted mean that follows the machine's load."""
     return sample if estimate < 0 else 0.7 * estimate + 0.3 * sample
+
+
+ctypedef struct Costs:
+    double walk                     # seconds per byte a pass walks (< 0: not measured yet)
+    double card                     # seconds per dirty card rescanned (< 0: not measured yet)
+
+
+# Until a heap has measured its own: a 1 GiB walk in 0.3 ms, 0.1 us a card.
+cdef double DEFAULT_WALK_COST = 0.3e-3 / (1 << 30)
+cdef double DEFAULT_CARD_COST = 0.1e-6
+
+
+cdef void learn(Costs *costs, double walk_per_byte, double rescan_seconds,
+                size_t dirty) noexcept nogil:
+    """Fold one pass and the rescan after it into ``costs``."""
+    costs.walk = learned(costs.walk, walk_per_byte)
+    if dirty >= 64:                 # fewer cards measure the fixed costs, not the cards
+        costs.card = learned(costs.card, rescan_seconds / dirty)
+
+
+cdef inline double cost_of(double preferred, double fallback, double default) noexcept nogil:
+    """The first measured of two estimates, else the default."""
+    return preferred if preferred >= 0 else (fallback if fallback >= 0 else default)
 
 
 cdef inline double now() noexcept nogil:
@@ -212,7 +291,7 @@ cdef inline double now() noexcept nogil:
 # ---- the Python face -------------------------------------------------------------------
 
 cdef class Collector:
-    """Collector(heap, *, pause_goal=0.001, preclean_time_limit=1.0)
+    """Collector(heap, *, pause_goal=0.001, preclean_time_limit=1.0, workers=None)
 --
 
 Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
@@ -220,37 +299,88 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
     ``pause_goal`` (seconds): precleaning goes on while the predicted remark
     exceeds it, for at most ``max_preclean`` rounds (a ``collect()``
     argument) and ``preclean_time_limit`` seconds.
+
+    ``workers``: how many threads, the collector's own included, share the
+    remark's final pass and rescan (default: the CPUs this process may run
+    on, at most 8; 1: the collector's thread alone). The first concurrent
+    cycle starts ``workers`` native threads, each pinned to one CPU; they
+    sleep until a remark has stopped the world, and are joined when the
+    Collector is dropped. Only backends with a report-only walk that splits
+    (pagemap_scan) split the final pass; every backend splits the rescan.
     """
     cdef readonly Heap heap
     cdef CardTable cards
     cdef CardBits extent            # cards cut down to the extent the last pass walked
     cdef size_t extent_align        # the extent ends on a page and a card boundary
+    cdef size_t granularity         # bytes one unit a pass reports stands for
     cdef GrayStack stack
     cdef readonly double pause_goal
     cdef readonly double preclean_time_limit
-    cdef double walk_cost           # seconds per byte a pass walks (< 0: not measured yet)
-    cdef double card_cost           # seconds per dirty card rescanned (< 0: not measured yet)
+    # What passes and rescans cost on this heap and machine: learned from
+    # precleaning rounds (mutators running, re-arming passes, one thread) and
+    # from remarks (world stopped, report-only, split across the workers).
+    # The prediction prefers the remark's own figures.
+    cdef Costs preclean_costs
+    cdef Costs remark_costs
+    cdef readonly size_t workers    # threads that share a remark, the collector's included
+    cdef WorkerPool pool            # started by the first concurrent cycle when workers > 1
+    cdef GrayStack helper_stacks[MAX_WORKERS]    # gray stacks of participants 1 .. workers - 1
     cdef double stop_requested      # when the last stop_world_timed() asked the mutators to stop
 
     def __repr__(self):
         return f"<gctrack.Collector of {self.heap!r}, {self.cards.card_size} B cards>"
 
-    def __cinit__(self, Heap heap not None, *, pause_goal=0.001, preclean_time_limit=1.0):
+    def __cinit__(self, Heap heap not None, *, pause_goal=0.001, preclean_time_limit=1.0,
+                  workers=None):
         self.pause_goal = checked_seconds(pause_goal, "pause_goal")
         self.preclean_time_limit = checked_seconds(preclean_time_limit, "preclean_time_limit")
-        self.walk_cost = self.card_cost = -1.0
+        self.workers = checked_workers(workers)
+        self.preclean_costs.walk = self.preclean_costs.card = -1.0
+        self.remark_costs.walk = self.remark_costs.card = -1.0
         heap.check_open()
         self.heap = heap
         self.cards = CardTable.for_arena(heap.arena, heap.card_size)
-        self.extent_align = max(heap.tracker.granularity, heap.card_size)
+        self.granularity = heap.tracker.granularity
+        self.extent_align = max(self.granularity, heap.card_size)
 
     def __dealloc__(self):
+        cdef size_t k
+        with nogil:
+            pool_stop(&self.pool)
         free(self.stack.items)
+        for k in range(MAX_WORKERS):
+            free(self.helper_stacks[k].items)
+
+    @property
+    def worker_threads(self):
+        """The started worker threads, as (kernel thread id, pinned CPU or -1)
+        pairs; empty until the first concurrent cycle, or with workers=1."""
+        cdef size_t k
+        return tuple((self.pool.workers[k].tid, self.pool.workers[k].cpu)
+                     for k in range(self.pool.count))
+
+    cdef int start_workers(self) except -1:
+        """Start the worker threads once, outside any pause."""
+        cdef int rc
+        if self.workers < 2 or self.pool.workers != NULL:
+            return 0
+        with nogil:
+            rc = pool_start(&self.pool, self.workers)
+        if rc:
+            raise TrackerError(-rc, "pthread_create", "GC worker threads")
+        return 0
+
+    cdef GrayStack *stack_of(self, size_t participant) noexcept:
+        return &self.stack if participant == 0 else &self.helper_stacks[participant]
 
     cdef int check_stack(self) except -1:
-        # The gray stack could not grow: some marked object was never scanned.
-        if self.stack.out_of_memory:
-            self.stack.out_of_memory = False
+        # A gray stack could not grow: some marked object was never scanned.
+        cdef size_t k
+        cdef bint failed = False
+        for k in range(self.workers):
+            failed |= self.stack_of(k).out_of_memory
+            self.stack_of(k).out_of_memory = False
+        if failed:
             raise MemoryError("the collector's mark stack could not grow")
         return 0
 
@@ -267,40 +397,83 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         requested, resumed) in CLOCK_MONOTONIC seconds (time.monotonic())."""
         return (self.stop_requested, now())
 
-    cdef void learn(self, double pass_seconds, double rescan_seconds, size_t dirty) noexcept:
-        """Fold one pass and the rescan after it into the cost model."""
-        self.walk_cost = learned(self.walk_cost, pass_seconds / self.extent.size)
-        if dirty >= 64:             # fewer cards measure the fixed costs, not the cards
-            self.card_cost = learned(self.card_cost, rescan_seconds / dirty)
-
     cdef double predict_remark(self, size_t dirty) noexcept:
         """The remark if it started now: walk the extent, rescan about as
         many cards as the last pass found dirty (they were dirtied in about
         the time the next pass takes to come round)."""
-        cdef double walk = self.walk_cost if self.walk_cost >= 0 else 0.3e-3 / (1 << 30)
-        cdef double card = self.card_cost if self.card_cost >= 0 else 0.1e-6
+        cdef double walk = cost_of(self.remark_costs.walk, self.preclean_costs.walk,
+                                   DEFAULT_WALK_COST)
+        cdef double card = cost_of(self.remark_costs.card, self.preclean_costs.card,
+                                   DEFAULT_CARD_COST)
         return walk * self.extent.size + card * dirty
 
-    cdef PassCounts dirty_pass(self, bint keep_gil, bint reset) except *:
-        """Collect the cards dirtied since the previous reset pass into
-        self.cards; ``reset`` re-arms what it reports. At remark
-        ``keep_gil``: Python mutators must stay stopped too."""
-        cdef PassCounts counts
-        cdef int rc
+    cdef uintptr_t cut_extent(self) noexcept:
+        """Cut the cards down to the heap's allocated extent, cleared, for
+        the next pass; returns where that pass ends."""
         cdef uintptr_t end = heap_extent_end(&self.heap.core, self.extent_align)
         self.extent = cut_cards(&self.cards.bits, end)
         cards_clear(&self.extent)
-        if keep_gil:
-            rc = tracker_owner_pass(&self.heap.tracker.core, &self.heap.core, &self.extent,
-                                    reset, end, &counts)
-        else:
-            with nogil:
-                rc = tracker_owner_pass(&self.heap.tracker.core, &self.heap.core,
-                                        &self.extent, reset, end, &counts)
+        return end
+
+    cdef int passed(self, int rc, str where) except -1:
+        """After a pass: raise for its error, else show its cards to the
+        heap's barrier verifier."""
         if rc:
-            raise TrackerError(-rc, "tracking pass", "in the collector")
+            raise TrackerError(-rc, "tracking pass", where)
         self.heap.note_dirty_cards(self.cards)
+        return 0
+
+    cdef PassCounts rearm_pass(self) except *:
+        """Collect the cards dirtied since the previous pass into the
+        extent's cards and re-arm them, with the mutators running."""
+        cdef PassCounts counts
+        cdef int rc
+        cdef uintptr_t end = self.cut_extent()
+        with nogil:
+            rc = tracker_owner_pass(&self.heap.tracker.core, &self.heap.core, &self.extent,
+                                    True, end, &counts)
+        self.passed(rc, "in the collector")
         return counts
+
+    cdef PassCounts final_pass(self) except *:
+        """The remark's pass: report-only, split across the worker threads
+        where the backend can; the GIL stays held (Python mutators too must
+        stay stopped)."""
+        cdef PassCounts counts
+        cdef uintptr_t end = self.cut_extent()
+        cdef int rc = tracker_owner_report(&self.heap.tracker.core, &self.heap.core, &self.extent,
+                                           end, &self.pool, self.workers, &counts)
+        self.passed(rc, "in the collector's remark")
+        return counts
+
+    cdef size_t remark_rescan(self, uint64_t dirty_pages, size_t *dirty) noexcept:
+        """Rescan the marked objects on the dirty cards and finish marking
+        (the roots are on the collector's gray stack already), split across
+        the worker threads when there are any and the final pass reported
+        enough (``dirty_pages``: units of the tracker's granularity).
+        Returns how many threads took part."""
+        cdef SplitRescan split
+        cdef CardBits *cards = &self.extent
+        cdef size_t k, participants
+        cdef uint64_t cards_reported = dirty_pages * max(self.granularity >> cards.card_shift, 1)
+        if (self.pool.count == 0 or cards.card_shift + 6 >= 64
+                or cards.size < 2 * MIN_RESCAN_CHUNK or cards_reported < MIN_SPLIT_DIRTY_CARDS):
+            rescan_dirty(&self.heap.core, cards, 0, &self.stack, dirty)
+            drain(&self.heap.core, &self.stack)
+            return 1
+        split.heap = &self.heap.core
+        split.cards = cards
+        chunks_init(&split.chunks, cards.base, cards.base + cards.size,
+                    chunk_size_for(cards.size, self.workers, RESCAN_CHUNKS_PER_THREAD,
+                                   <uintptr_t>64 << cards.card_shift, MIN_RESCAN_CHUNK))
+        for k in range(self.workers):
+            split.stacks[k] = self.stack_of(k)
+            split.dirty[k] = 0
+        participants = pool_run(&self.pool, rescan_chunks, &split, self.workers)
+        dirty[0] = 0
+        for k in range(self.workers):         # the workers that stayed out found none
+            dirty[0] += split.dirty[k]
+        return participants
 
     def collect(self, *, concurrent=True, max_preclean=10, after_phase=None):
         """One collection cycle. ``concurrent=False`` is the stop-the-world baseline.
@@ -323,6 +496,8 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
             raise TypeError(f"after_phase must be callable, got {type(after_phase).__name__}")
         if after_phase is not None and not concurrent:
             raise ValueError("after_phase needs a concurrent cycle: a stop-the-world one has no phases")
+        if concurrent:
+            self.start_workers()
         self.heap.collecting = True
         try:
             if concurrent:
@@ -339,8 +514,9 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         cycle traces everything again (stale marks would hide objects)."""
         cdef HeapCore *h = &self.heap.core
         cdef size_t w
-        self.stack.length = 0
-        self.stack.out_of_memory = False
+        for w in range(self.workers):
+            self.stack_of(w).length = 0
+            self.stack_of(w).out_of_memory = False
         with nogil:
             pthread_mutex_lock(&h.alloc_lock)
             h.allocate_marked = False
@@ -375,14 +551,14 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         cdef HeapCore *h = &self.heap.core
         cdef double t0, t1, t2, initial_safepoint, remark_safepoint
         cdef uint64_t rescanned, freed
-        cdef size_t dirty = 0
+        cdef size_t dirty = 0, remark_threads = 1
         cdef PassCounts rearm, counts
         cdef double preclean_started, predicted
         # 1. re-arm tracking while the mutators run: a pass re-protects the
         # pages written since the last cycle, including those the previous
         # remark's report-only pass left armed-off. A store before it is
         # visible to the marker; a store after it lands on a dirty card.
-        rearm = self.dirty_pass(False, True)
+        rearm = self.rearm_pass()
         # initial mark, native mutators parked and the GIL held
         initial_safepoint = self.stop_world_timed()
         t0 = now()
@@ -411,13 +587,14 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         preclean_started = now()
         for _ in range(max_preclean):
             t0 = now()
-            counts = self.dirty_pass(False, True)
+            counts = self.rearm_pass()
             with nogil:
-                rescanned = rescan_dirty(h, &self.extent, &self.stack, &dirty)
+                rescanned = rescan_dirty(h, &self.extent, 0, &self.stack, &dirty)
                 drain(h, &self.stack)
                 t1 = now()
             self.check_stack()
-            self.learn(counts.seconds, t1 - t0 - counts.seconds, dirty)
+            learn(&self.preclean_costs, counts.seconds / self.extent.size,
+                  t1 - t0 - counts.seconds, dirty)
             predicted = self.predict_remark(dirty)
             preclean.append(PrecleanPass(dirty_cards=dirty, rescanned=rescanned, seconds=t1 - t0,
                                          predicted_remark=predicted))
@@ -434,10 +611,9 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         remark_safepoint = self.stop_world_timed()
         t0 = now()
         try:
-            counts = self.dirty_pass(True, False)
+            counts = self.final_pass()
             mark_roots(h, &self.stack)
-            rescan_dirty(h, &self.extent, &self.stack, &dirty)
-            drain(h, &self.stack)
+            remark_threads = self.remark_rescan(counts.pages, &dirty)
             t1 = now()
             self.heap.verify_barriers_at_remark()    # a debug aid, not counted in remark_pause
         finally:
@@ -445,7 +621,8 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         remark_span = self.pause_span()
         self.check_stack()
         remark_pause = t1 - t0
-        self.learn(counts.seconds, remark_pause - counts.seconds, dirty)
+        learn(&self.remark_costs, counts.seconds / self.extent.size,
+              remark_pause - counts.seconds, dirty)
         # 5. sweep, mutators running
         with nogil:
             freed = sweep(h)
@@ -459,4 +636,5 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
                           remark_time_to_safepoint=remark_safepoint, rearm_pages=rearm.pages,
                           pause_goal=self.pause_goal, predicted_remark=predicted,
                           outran_precleaning=predicted > self.pause_goal,
+                          remark_threads=remark_threads, remark_pass_seconds=counts.seconds,
                           pause_spans=(initial_span, remark_span))

@@ -8,7 +8,7 @@ written since the last pass and re-protects them atomically.
 import errno as errno_codes
 import operator
 
-from libc.errno cimport errno, EBUSY, EINVAL, ENOTTY
+from libc.errno cimport errno, EBUSY, EINVAL, ENOMEM, ENOTTY
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
@@ -81,9 +81,12 @@ cdef uint64_t resume_point(const gct_pm_scan_arg *arg, const gct_page_region *ve
     return vec[n - 1].end
 
 
-cdef int scan_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset,
-                   uint64_t max_pages, RegionSink *sink, PassCounts *counts) noexcept nogil:
-    cdef PagemapScanCore *core = <PagemapScanCore *>base
+cdef int scan_with(PagemapScanCore *core, gct_page_region *vec, uint64_t vec_len,
+                   uintptr_t start, uintptr_t end, bint reset, uint64_t max_pages,
+                   RegionSink *sink, PassCounts *counts) noexcept nogil:
+    """The walk behind every pass: PAGEMAP_SCAN calls over [start, end)
+    through ``vec`` (vec_len regions), each batch into ``sink``."""
+    cdef BackendCore *base = &core.base
     cdef gct_pm_scan_arg arg
     cdef long n
     cdef int rc
@@ -95,11 +98,11 @@ cdef int scan_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset
         arg.flags |= GCT_PM_SCAN_WP_MATCHING
     arg.start = start
     arg.end = end
-    arg.vec = <uintptr_t>core.vec
+    arg.vec = <uintptr_t>vec
     arg.category_mask = GCT_PAGE_IS_WRITTEN
     arg.return_mask = GCT_PAGE_IS_WRITTEN
     while True:
-        arg.vec_len = core.vec_len
+        arg.vec_len = vec_len
         arg.max_pages = max_pages
         n = pagemap_scan(core.pagemap_fd, &arg)
         if n < 0:
@@ -109,29 +112,50 @@ cdef int scan_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset
             if reset:
                 mark_written_again(core, arg.start, arg.end)
             return <int>n
-        pages = pages_in(core.vec, n, base.granularity)
+        pages = pages_in(vec, n, base.granularity)
         counts.calls += 1
         counts.regions += n
         counts.pages += pages
         if n:
-            rc = sink.emit(sink.ctx, core.vec, n)
+            rc = sink.emit(sink.ctx, vec, n)
             if rc:
                 base.failed_operation = "collecting regions"
                 if reset:
-                    mark_regions_written_again(core, core.vec, n)   # re-armed, unreported
+                    mark_regions_written_again(core, vec, n)   # re-armed, unreported
                 return rc
         # A short vector means the walk reached `end` (walk_end may then lag
         # behind it). A full one means unreported pages may remain,
         # still dirty and still armed: resume where the kernel stopped.
-        if <uint64_t>n < core.vec_len:
+        if <uint64_t>n < vec_len:
             return 0
         if max_pages:
             max_pages -= pages
             if max_pages == 0:
                 return 0
-        arg.start = resume_point(&arg, core.vec, n)
+        arg.start = resume_point(&arg, vec, n)
         if arg.start >= arg.end:
             return 0
+
+
+cdef int scan_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset,
+                   uint64_t max_pages, RegionSink *sink, PassCounts *counts) noexcept nogil:
+    cdef PagemapScanCore *core = <PagemapScanCore *>base
+    return scan_with(core, core.vec, core.vec_len, start, end, reset, max_pages, sink, counts)
+
+
+cdef int report_range(BackendCore *base, uintptr_t start, uintptr_t end, RegionSink *sink,
+                      PassCounts *counts) noexcept nogil:
+    """A report-only walk with a vector of its own (one per calling thread),
+    no longer than the range's pages need."""
+    cdef PagemapScanCore *core = <PagemapScanCore *>base
+    cdef uint64_t vec_len = min(core.vec_len, (end - start) // base.granularity + 1)
+    cdef gct_page_region *vec = <gct_page_region *>malloc(vec_len * sizeof(gct_page_region))
+    if vec == NULL:
+        base.failed_operation = "allocating a region vector"
+        return -ENOMEM
+    cdef int rc = scan_with(core, vec, vec_len, start, end, False, 0, sink, counts)
+    free(vec)
+    return rc
 
 
 cdef int rearm_range(BackendCore *base, uintptr_t start, uintptr_t end) noexcept nogil:
@@ -193,6 +217,7 @@ userfaultfd(WP_ASYNC) registration of an arena, scanned with PAGEMAP_SCAN.
         self.c.pagemap_fd = -1
         self.attach(arena, &self.c.base, b"pagemap_scan", arena.page_size, bool(beside_software))
         self.c.base.run_pass = scan_pass
+        self.c.base.report_range = report_range
         self.c.base.rearm = rearm_range
         self.c.base.record = touch_pages
         self.c.base.begin_external = no_preparation   # the kernel resolves its own writes

@@ -57,6 +57,12 @@ class CycleStats:
     #: precleaning stopped at its bound on rounds or time with the prediction
     #: still above the goal: the mutators dirty cards faster than it cleans them
     outran_precleaning: bool = False
+    #: threads that shared the remark's rescan: the collector's own and the
+    #: GC workers that joined (the final pass splits on its own terms:
+    #: pagemap_scan, over an extent of 128 MiB or more)
+    remark_threads: int = 1
+    #: of remark_pause, the final tracking pass (report-only)
+    remark_pass_seconds: float = 0.0
     #: each pause as (stopped, resumed) in CLOCK_MONOTONIC seconds, the clock
     #: of time.monotonic(): from the stop request (time to safepoint included)
     #: until the mutators were released. A concurrent cycle has two, the

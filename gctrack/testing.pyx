@@ -14,25 +14,22 @@ from posix.unistd cimport getpid
 from gctrack.arena cimport Arena
 from gctrack.cards cimport CardTable
 from gctrack.software cimport SoftwareBackend, SoftwareCore, software_write_barrier
-from gctrack.tracker cimport Tracker
-from gctrack.threads cimport pthread_t, pthread_create, pthread_join
+from gctrack.backend cimport PassCounts
+from gctrack.tracker cimport Tracker, tracker_owner_report
+from gctrack.workers cimport WorkerPool, pool_start, pool_stop
+from gctrack.threads cimport gct_cpu_relax, pthread_t, pthread_create, pthread_join
 
 from gctrack.errors import TrackerError
+from gctrack.collector import checked_workers
 
 
 cdef extern from *:
     """
-    static inline void gct_cpu_relax(void) {
-    #if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-    #endif
-    }
     static inline int gct_load_acquire(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void gct_store_release(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline void gct_increment(int *p) { __atomic_add_fetch(p, 1, __ATOMIC_RELEASE); }
     static inline void gct_store_word(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
     """
-    void gct_cpu_relax() nogil
     int gct_load_acquire(const int *p) nogil
     void gct_store_release(int *p, int v) nogil
     void gct_increment(int *p) nogil
@@ -285,3 +282,56 @@ One pthread per offsets array; thread k stores one byte at each of
         free(self.threads)
         if self.arena is not None:
             self.arena.unpin()
+
+
+@cython.no_gc_clear       # the threads are joined in __dealloc__, before the tracker goes
+cdef class SplitReporter:
+    """SplitReporter(tracker, *, workers=None)
+--
+
+Report-only passes of ``tracker``, split across ``workers`` threads (the
+    caller's included; default: as many as a Collector's), as a Collector's
+    remark runs them. Its own worker threads run from construction to close().
+    """
+    cdef Tracker tracker
+    cdef WorkerPool pool
+    cdef readonly size_t workers
+
+    def __cinit__(self, Tracker tracker not None, *, workers=None):
+        cdef int rc = 0
+        self.workers = checked_workers(workers)
+        tracker.check_usable()
+        self.tracker = tracker
+        if self.workers > 1:
+            with nogil:
+                rc = pool_start(&self.pool, self.workers)
+        if rc:
+            raise TrackerError(-rc, "pthread_create", "GC worker threads")
+
+    def report(self, CardTable cards not None):
+        """One split report-only pass into ``cards``; returns (seconds, kernel
+        calls, pages reported), the seconds as the pass timed itself."""
+        cdef PassCounts counts
+        cdef int rc
+        self.tracker.check_usable()
+        self.tracker.cards_for_arena(cards)
+        with nogil:
+            rc = tracker_owner_report(&self.tracker.core, NULL, &cards.bits, 0, &self.pool,
+                                      self.workers, &counts)
+        if rc:
+            raise TrackerError(-rc, "split report-only pass")
+        return counts.seconds, counts.calls, counts.pages
+
+    def close(self):
+        """Join the worker threads. Idempotent."""
+        with nogil:
+            pool_stop(&self.pool)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __dealloc__(self):
+        pool_stop(&self.pool)

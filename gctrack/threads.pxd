@@ -1,6 +1,7 @@
 # cython: language_level=3
 """POSIX threads, declared once for every module (Cython ships no pthread.pxd)."""
 from posix.time cimport timespec
+from posix.types cimport clockid_t
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -16,6 +17,8 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_create(pthread_t *thread, const void *attr,
                        void *(*start)(void *) noexcept nogil, void *arg)
     int pthread_join(pthread_t thread, void **retval)
+    pthread_t pthread_self()
+    int pthread_getcpuclockid(pthread_t thread, clockid_t *clock_id)
     int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
     int pthread_mutex_destroy(pthread_mutex_t *mutex)
     int pthread_mutex_lock(pthread_mutex_t *mutex)
@@ -30,3 +33,17 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex)
     int pthread_cond_timedwait(pthread_cond_t *cond, pthread_mutex_t *mutex,
                                const timespec *abstime)
+
+
+cdef extern from *:
+    """
+    /* A spin-wait hint: lets a sibling hyperthread run, saves power. */
+    static inline void gct_cpu_relax(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+    #elif defined(__aarch64__)
+        __asm__ __volatile__("yield");
+    #endif
+    }
+    """
+    void gct_cpu_relax() nogil

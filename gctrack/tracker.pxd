@@ -4,6 +4,7 @@ from gctrack.arena cimport Arena
 from gctrack.backend cimport Backend, BackendCore, PassCounts
 from gctrack.cards cimport CardBits, CardTable
 from gctrack.threads cimport pthread_t, pthread_mutex_t, pthread_cond_t
+from gctrack.workers cimport WorkerPool
 
 
 ctypedef struct TrackerCore:
@@ -44,6 +45,14 @@ cdef int tracker_end_external(TrackerCore *t, uintptr_t start, uintptr_t end) no
 # reset=False it reports without re-arming (the remark's final pass).
 cdef int tracker_owner_pass(TrackerCore *t, const void *owner, CardBits *cards, bint reset,
                             uintptr_t end, PassCounts *counts) noexcept nogil
+# The owner's report-only pass (reset=False above), split into chunks that
+# `pool`'s threads and the caller walk at once, at most max_participants of
+# them, where the backend can (BackendCore.report_range) and the range is
+# long enough; otherwise one pass on the caller. The chunks begin on words of
+# card bits, so the participants never write one word of ``cards`` together.
+cdef int tracker_owner_report(TrackerCore *t, const void *owner, CardBits *cards, uintptr_t end,
+                              WorkerPool *pool, size_t max_participants,
+                              PassCounts *counts) noexcept nogil
 
 
 cdef class Tracker:

@@ -12,7 +12,7 @@ import numpy
 
 from libc.errno cimport errno, EBADF, EBUSY, ECHILD, EINVAL, ENOMEM, EPERM
 from libc.stdint cimport uint64_t, uintptr_t
-from libc.stdlib cimport realloc, free
+from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset
 from posix.mman cimport (madvise, mmap, munmap, MADV_DONTNEED, MAP_ANONYMOUS, MAP_FAILED,
                          MAP_PRIVATE, PROT_READ, PROT_WRITE)
@@ -24,6 +24,8 @@ from gctrack.backend cimport BackendCore, PassCounts, RegionSink
 from gctrack.cards cimport (CardBits, CardTable, cards_mark_regions, cards_merge,
                             cards_clear, cards_clear_range)
 from gctrack.linux cimport gct_page_region
+from gctrack.workers cimport (MAX_WORKERS, Chunks, WorkerPool, chunk_size_for, chunks_init,
+                              chunks_take, pool_run)
 from gctrack.threads cimport (pthread_condattr_t, pthread_create, pthread_join,
                               pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
                               pthread_mutex_unlock, pthread_condattr_init,
@@ -45,6 +47,10 @@ cdef extern from *:
     static inline int gct_calls(int *n) { return __atomic_load_n(n, __ATOMIC_SEQ_CST); }
     static inline void *gct_load_backend(void **p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
     static inline void gct_clear_backend(void **p) { __atomic_store_n(p, (void *)0, __ATOMIC_SEQ_CST); }
+    static inline void gct_first_error(int *slot, int rc) {
+        int none = 0;
+        __atomic_compare_exchange_n(slot, &none, rc, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    }
     """
     int gct_load_flag(const int *p) nogil
     void gct_enter_call(int *n) nogil
@@ -52,6 +58,7 @@ cdef extern from *:
     int gct_calls(int *n) nogil
     void *gct_load_backend(void **p) nogil
     void gct_clear_backend(void **p) nogil
+    void gct_first_error(int *slot, int rc) nogil
 
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
@@ -168,6 +175,27 @@ cdef inline int in_arena(const BackendCore *backend, uintptr_t start, uintptr_t 
     return 0
 
 
+cdef int pass_guards(TrackerCore *t, const void *owner, const CardBits *cards,
+                     uintptr_t *end) noexcept nogil:
+    """With the lock held: 0 when a pass over [arena start, *end) into
+    ``cards`` may run now (*end 0 becomes the arena's end), else -errno."""
+    cdef int rc = usable(t)
+    if rc:
+        return rc
+    if end[0] == 0:
+        end[0] = t.backend.end
+    if end[0] <= t.backend.start or end[0] > t.backend.end or end[0] & (t.backend.granularity - 1):
+        return -EINVAL
+    rc = cards_cover(cards, t.backend.start, end[0])
+    if rc:
+        return rc
+    if t.reserved_by != owner:
+        return -EPERM
+    if t.loop_active:
+        return -EBUSY
+    return 0
+
+
 cdef int locked_pass(TrackerCore *t, const void *owner, CardBits *cards, bint reset,
                      uint64_t max_pages, uintptr_t end, PassCounts *counts) noexcept nogil:
     """One pass over [arena start, end) into ``cards``, under the lock, once
@@ -180,21 +208,92 @@ cdef int locked_pass(TrackerCore *t, const void *owner, CardBits *cards, bint re
     sink.emit = mark_cards
     sink.ctx = cards
     pthread_mutex_lock(&t.lock)
-    rc = usable(t)
-    if rc == 0:
-        if end == 0:
-            end = t.backend.end
-        if end <= t.backend.start or end > t.backend.end or end & (t.backend.granularity - 1):
-            rc = -EINVAL
-    if rc == 0:
-        rc = cards_cover(cards, t.backend.start, end)
-    if rc == 0 and t.reserved_by != owner:
-        rc = -EPERM
-    if rc == 0 and t.loop_active:
-        rc = -EBUSY
+    rc = pass_guards(t, owner, cards, &end)
     if rc == 0:
         rc = timed_pass(t.backend, t.backend.start, end, reset, max_pages, &sink, counts)
     pthread_mutex_unlock(&t.lock)
+    return rc
+
+
+# ---- a report-only pass split across GC worker threads ------------------------
+
+# A walk shorter than MIN_SPLIT_LENGTH (0.1 ms or so) gains less from a
+# split than waking a worker costs; chunks shorter than MIN_SPLIT_CHUNK cost
+# more in calls than they save.
+cdef uintptr_t MIN_SPLIT_LENGTH = 128 << 20
+cdef uintptr_t MIN_SPLIT_CHUNK = 16 << 20
+
+ctypedef struct SplitReport:
+    BackendCore *backend
+    CardBits *cards
+    Chunks chunks
+    int error                       # the first error a participant met (atomic)
+    PassCounts counts[MAX_WORKERS]  # per participant
+
+
+cdef void report_chunks(void *ctx, size_t participant) noexcept nogil:
+    """One participant's share: report-only walks of chunks until none is
+    left. Chunks start on a word of card bits, so no two participants
+    write the same word of ``cards``."""
+    cdef SplitReport *split = <SplitReport *>ctx
+    cdef PassCounts *counts = &split.counts[participant]
+    cdef RegionSink sink
+    cdef uintptr_t lo, hi
+    cdef int rc
+    sink.emit = mark_cards
+    sink.ctx = split.cards
+    memset(counts, 0, sizeof(PassCounts))
+    while chunks_take(&split.chunks, &lo, &hi):
+        rc = split.backend.report_range(split.backend, lo, hi, &sink, counts)
+        if rc:
+            gct_first_error(&split.error, rc)
+            return
+
+
+cdef uintptr_t split_alignment(const BackendCore *backend, const CardBits *cards) noexcept nogil:
+    """What the chunks of a split pass are multiples of, so that each begins
+    on a page and on a word of card bits (64 cards from the table's base);
+    0 when that would overflow."""
+    if cards.card_shift + 6 >= 64:
+        return 0
+    cdef uintptr_t word = <uintptr_t>64 << cards.card_shift
+    return word if word > backend.granularity else backend.granularity
+
+
+cdef int split_report(BackendCore *backend, CardBits *cards, uintptr_t end, WorkerPool *pool,
+                      size_t max_participants, PassCounts *counts) noexcept nogil:
+    """The report-only pass over [backend start, end) split into chunks, run
+    by the pool; a single timed_pass where it cannot split."""
+    cdef RegionSink sink
+    cdef SplitReport *split
+    cdef size_t k
+    cdef int rc
+    cdef uintptr_t align = split_alignment(backend, cards)
+    cdef uintptr_t start = backend.start
+    if pool == NULL or max_participants > pool.count + 1:
+        max_participants = 1 if pool == NULL else pool.count + 1
+    if (backend.report_range == NULL or max_participants < 2 or align == 0
+            or ((start - cards.base) & (align - 1))
+            or end - start < max(2 * align, MIN_SPLIT_LENGTH)):
+        sink.emit = mark_cards
+        sink.ctx = cards
+        return timed_pass(backend, start, end, False, 0, &sink, counts)
+    split = <SplitReport *>malloc(sizeof(SplitReport))
+    if split == NULL:
+        return -ENOMEM
+    memset(split, 0, sizeof(SplitReport))
+    split.backend = backend
+    split.cards = cards
+    chunks_init(&split.chunks, start, end,
+                chunk_size_for(end - start, max_participants, 4, align, MIN_SPLIT_CHUNK))
+    cdef double started = now_seconds()
+    pool_run(pool, report_chunks, split, max_participants)
+    memset(counts, 0, sizeof(PassCounts))
+    for k in range(max_participants):        # the workers that stayed out counted nothing
+        add_counts(counts, &split.counts[k])
+    counts.seconds = now_seconds() - started
+    rc = split.error
+    free(split)
     return rc
 
 
@@ -213,6 +312,23 @@ cdef int tracker_owner_pass(TrackerCore *t, const void *owner, CardBits *cards, 
     if rc:
         return rc
     return locked_pass(t, owner, cards, reset, 0, end, counts)
+
+
+cdef int tracker_owner_report(TrackerCore *t, const void *owner, CardBits *cards, uintptr_t end,
+                              WorkerPool *pool, size_t max_participants,
+                              PassCounts *counts) noexcept nogil:
+    cdef PassCounts ignored
+    cdef int rc = usable(t)
+    if rc:
+        return rc
+    if counts == NULL:
+        counts = &ignored
+    pthread_mutex_lock(&t.lock)
+    rc = pass_guards(t, owner, cards, &end)
+    if rc == 0:
+        rc = split_report(t.backend, cards, end, pool, max_participants, counts)
+    pthread_mutex_unlock(&t.lock)
+    return rc
 
 
 cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noexcept nogil:

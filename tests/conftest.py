@@ -63,6 +63,8 @@ def pytest_collection_modifyitems(config, items):
 PAGE_BACKENDS = ["pagemap_scan", "uffd_sync", "mprotect", "soft_dirty"]
 #: Those whose passes are atomic, so that they may race native writers.
 RACING_BACKENDS = ["pagemap_scan", "uffd_sync", "mprotect"]
+#: The backends a Heap (and so a Collector) can use.
+HEAP_BACKENDS = RACING_BACKENDS + ["software"]
 
 
 def require(mechanism: str) -> None:
@@ -90,6 +92,13 @@ def backend(request) -> str:
     return request.param
 
 
+@pytest.fixture(params=HEAP_BACKENDS)
+def heap_backend(request) -> str:
+    """Each backend a Heap can use in turn, skipped with the probe's reason where missing."""
+    require(request.param)
+    return request.param
+
+
 @pytest.fixture
 def tracker(arena, backend):
     with gctrack.Tracker(arena, backend=backend) as t:
@@ -110,3 +119,46 @@ def write_pages(arena, pages, offset_in_page: int = 0) -> None:
     view = numpy.asarray(arena)
     index = numpy.asarray(sorted(pages), dtype=numpy.int64) * arena.page_size + offset_in_page
     view[index] += 1
+
+
+# ---- reachability, computed independently from the raw heap memory ------------------
+
+def reachable(heap) -> numpy.ndarray:
+    """A bool per object: reachable from the roots, read from raw memory."""
+    view = heap.view()
+    shift = heap.object_size.bit_length() - 1
+    limit = heap.base + heap.num_objects * heap.object_size
+
+    def indices(addresses):
+        addresses = addresses[addresses != 0]
+        assert ((addresses >= heap.base) & (addresses < limit)).all(), "a reference leaves the heap"
+        assert ((addresses - heap.base) % heap.object_size == 0).all(), "a misaligned reference"
+        return ((addresses - heap.base) >> shift).astype(numpy.int64)
+
+    seen = numpy.zeros(heap.num_objects, dtype=bool)
+    frontier = numpy.unique(indices(heap.root_slots.copy()))
+    seen[frontier] = True
+    while frontier.size:
+        targets = indices(view[frontier, 1:].ravel())
+        frontier = numpy.unique(targets[~seen[targets]])
+        seen[frontier] = True
+    return seen
+
+
+def allocated_mask(heap) -> numpy.ndarray:
+    """A bool per object: allocated now (the side bitmap, through the API)."""
+    mask = numpy.zeros(heap.num_objects, dtype=bool)
+    mask[heap.allocated()] = True
+    return mask
+
+
+def check_nothing_reachable_was_freed(heap) -> None:
+    live = allocated_mask(heap)
+    lost = numpy.flatnonzero(reachable(heap) & ~live)
+    assert lost.size == 0, f"{lost.size} reachable objects were freed, e.g. {lost[:5]}"
+
+
+def work_done(mutators) -> dict:
+    """stats() without cpu_seconds: a thread's clock still ticks for the
+    microseconds between counting itself parked and sleeping."""
+    return {key: value for key, value in mutators.stats().items() if key != "cpu_seconds"}

@@ -10,54 +10,10 @@ import numpy
 import pytest
 
 import gctrack
-from conftest import RACING_BACKENDS, require
+from conftest import allocated_mask, check_nothing_reachable_was_freed, reachable, require, work_done
 from gctrack.collector import Collector
 from gctrack.heap import HEADER_LIVE, Heap
 from gctrack.mutator import NativeMutators, populate
-
-BACKENDS = RACING_BACKENDS + ["software"]
-
-
-@pytest.fixture(params=BACKENDS)
-def heap_backend(request):
-    require(request.param)
-    return request.param
-
-
-def reachable(heap) -> numpy.ndarray:
-    """A bool per object: reachable from the roots, read from raw memory."""
-    view = heap.view()
-    shift = heap.object_size.bit_length() - 1
-    limit = heap.base + heap.num_objects * heap.object_size
-
-    def indices(addresses):
-        addresses = addresses[addresses != 0]
-        assert ((addresses >= heap.base) & (addresses < limit)).all(), "a reference leaves the heap"
-        assert ((addresses - heap.base) % heap.object_size == 0).all(), "a misaligned reference"
-        return ((addresses - heap.base) >> shift).astype(numpy.int64)
-
-    seen = numpy.zeros(heap.num_objects, dtype=bool)
-    frontier = numpy.unique(indices(heap.root_slots.copy()))
-    seen[frontier] = True
-    while frontier.size:
-        targets = indices(view[frontier, 1:].ravel())
-        frontier = numpy.unique(targets[~seen[targets]])
-        seen[frontier] = True
-    return seen
-
-
-def allocated_mask(heap) -> numpy.ndarray:
-    """A bool per object: allocated now (the side bitmap, through the API)."""
-    mask = numpy.zeros(heap.num_objects, dtype=bool)
-    mask[heap.allocated()] = True
-    return mask
-
-
-def check_nothing_reachable_was_freed(heap):
-    live = allocated_mask(heap)
-    lost = numpy.flatnonzero(reachable(heap) & ~live)
-    assert lost.size == 0, f"{lost.size} reachable objects were freed, e.g. {lost[:5]}"
-
 
 def random_graph(heap, objects, rng):
     """Objects linked at random through the Heap API; a few of them rooted."""
@@ -224,9 +180,9 @@ def test_safepoint_pause_really_stops_the_mutators():
             NativeMutators(heap, threads=2, rate=0) as mutators:
         time.sleep(0.02)
         mutators.pause()
-        before = mutators.stats()
+        before = work_done(mutators)
         time.sleep(0.05)
-        assert mutators.stats() == before
+        assert work_done(mutators) == before
         mutators.resume()
         time.sleep(0.02)
         assert mutators.stats()["stores"] > before["stores"]

@@ -34,8 +34,9 @@ def test_constructors_have_signatures():
         gctrack.Heap: ["size", "object_size", "backend", "card_size", "max_roots",
                        "verify_barriers"],
         gctrack.BarrierVerifier: ["arena", "cards"],
-        gctrack.Collector: ["heap", "pause_goal", "preclean_time_limit"],
-        gctrack.NativeMutators: ["heap", "threads", "rate", "roots_per_thread", "seed"],
+        gctrack.Collector: ["heap", "pause_goal", "preclean_time_limit", "workers"],
+        gctrack.NativeMutators: ["heap", "threads", "rate", "roots_per_thread", "seed", "workload", "params",
+                                 "stored_cards"],
     }
     for cls, names in expected.items():
         assert list(inspect.signature(cls).parameters) == names, cls

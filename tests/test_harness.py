@@ -182,7 +182,7 @@ def check_precision(run: dict) -> None:
     assert found["lost_cards"] == 0 and found["passes"] > 2 * run["cycles"]
     assert 0 < found["stored_cards"] <= found["reported_cards"]
     assert found["precision"] == found["stored_cards"] / found["reported_cards"]
-    assert found["precision"] <= 0.5, "a page reports 8 cards of 512 B; few get a store each"
+    assert found["precision"] < 0.9, "a page reports 8 cards of 512 B: not all get a store"
 
 
 def test_a_tiny_real_run_writes_the_documented_outputs(tmp_path):

@@ -1,0 +1,3 @@
+DEFAULT_WORKERS_CAP: int
+
+def default_workers() -> int: ...
