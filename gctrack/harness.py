@@ -25,7 +25,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy
 
@@ -42,10 +41,7 @@ BASELINE = "untracked"
 #: The baseline's heap still needs a tracker: the first of these that works,
 #: armed once and never passed (see baseline_heap).
 BASELINE_BACKENDS = ("pagemap_scan", "mprotect", "uffd_sync", "software")
-#: NativeMutators with workloads, parameters, stored_cards and work units
-#: (issue 13); older ones run rewire only and count operations.
-HAS_WORKLOADS = hasattr(mutator, "WORKLOADS")
-WORKLOADS: tuple[str, ...] = getattr(mutator, "WORKLOADS", ("rewire",))
+WORKLOADS = mutator.WORKLOADS
 #: The GCOld sweep varies this parameter.
 SWEEP_PARAM = "old_store_ratio"
 #: MMU windows: 1 ms to 1 s, six a decade.
@@ -235,17 +231,9 @@ def prepare(heap, workload: str) -> None:
 def make_mutators(heap, spec: RunSpec, threads: int, stored):
     """The run's NativeMutators, unthrottled; ``stored`` receives the card of
     every reference store."""
-    options: dict[str, Any] = {}
-    if HAS_WORKLOADS:
-        options = {"workload": spec.workload, "params": dict(spec.params) or None,
-                   "stored_cards": stored}
     return gctrack.NativeMutators(heap, threads=threads, rate=0.0, seed=1 + spec.repeat,
-                                  **options)
-
-
-def work_done(stats: dict) -> int:
-    """The workload's own work units; operations for mutators that count none."""
-    return stats.get("work_units", stats["stores"] + stats["allocations"] + stats["root_changes"])
+                                  workload=spec.workload, params=dict(spec.params) or None,
+                                  stored_cards=stored)
 
 
 def usage() -> dict:
@@ -282,7 +270,7 @@ def set_up(mutators, started: float, warmup: float) -> bool:
     workload's set-up done (its first work unit counted)."""
     if time.monotonic() - started > SETUP_LIMIT:
         raise RuntimeError(f"the workload did no work in {SETUP_LIMIT:g} s: its set-up never ended")
-    return time.monotonic() - started >= warmup and work_done(mutators.stats()) > 0
+    return time.monotonic() - started >= warmup and mutators.stats()["work_units"] > 0
 
 
 def drive(collector, heap, mutators, plan: Plan, concurrent: bool) -> Window:
@@ -308,8 +296,8 @@ def drive(collector, heap, mutators, plan: Plan, concurrent: bool) -> Window:
     after, stats = usage(), mutators.stats()
     window.usage = {k: after[k] - before[k] for k in after}
     window.stats = {k: stats[k] - totals[k] for k in stats}
-    window.params = dict(getattr(mutators, "params", {}))
-    window.work_unit = getattr(mutators, "work_unit", "operations")
+    window.params = mutators.params
+    window.work_unit = mutators.work_unit
     return window
 
 
@@ -385,9 +373,7 @@ def watch_cards(heap, tracked: bool) -> tuple:
     measured with, set on the heap; (None, None) for the baseline."""
     if not tracked:
         return None, None
-    reported = gctrack.CardTable.for_arena(heap.arena, heap.card_size)
-    stored = (gctrack.CardTable.for_arena(heap.arena, heap.card_size) if HAS_WORKLOADS
-              else None)                    # older mutators mark no cards
+    stored, reported = (gctrack.CardTable.for_arena(heap.arena, heap.card_size) for _ in range(2))
     heap.stored_cards, heap.reported_cards = stored, reported
     return stored, reported
 
@@ -410,7 +396,7 @@ def run_one(spec: RunSpec, plan: Plan, support: dict) -> dict:
         found = precision(stored, reported, heap.card_counts)
         heap.reported_cards = heap.stored_cards = None
     seconds = window.end - window.start
-    work = work_done(window.stats)
+    work = window.stats["work_units"]      # in the workload's own unit
     spans = [s for c in window.cycles for s in c.pause_spans]
     paused = float(numpy.diff(merged_spans(spans, window.start, window.end)).sum())
     return {
