@@ -111,8 +111,10 @@ def test_precision_is_per_pass_and_a_mark_no_pass_reported_is_a_lost_write():
     stored.mark_range((1 << 20) + 8192, 1)              # marked, and never reported
     found = harness.precision(stored, reported, counts)
     assert found["lost_cards"] == 1 and found["unsettled_cards"] == 2
-    run = {"precision": found, "mutator_stats": {"violations": 0}}
-    assert harness.problems(run)[0].startswith("LOST WRITES: 1 cards")
+    run = {"precision": found, "violations": 0}
+    assert [p[:19] for p in harness.problems(run)] == ["LOST WRITES: 1 card"]
+    run["violations"] = 2
+    assert harness.problems(run)[1].startswith("VIOLATIONS: the mutators walked into 2 freed")
     assert harness.precision(None, None, counts) is None
 
 
@@ -165,7 +167,7 @@ def check_run_schema(run: dict) -> None:
     assert windows[-1] <= run["seconds"] and len(windows) >= 10
     assert all(0 <= u <= 1 for _, u in run["mmu"])
     assert run["mmu"][-1][1] >= run["mmu"][0][1], "longer windows cannot see less"
-    assert run["throughput_ratio"] > 0 and run["throughput"] > 0
+    assert run["throughput_ratio"] > 0 and run["throughput"] > 0 and run["violations"] == 0
     assert run["cpu"]["user"] > 0 and run["cpu"]["system"] >= 0
     assert math.isclose(run["throughput"] * run["seconds"], run["work_units"])
     spans = [span for phase in run["pause_spans"].values() for span in phase]
