@@ -482,6 +482,10 @@ def summary(runs: list[dict]) -> list[dict]:
             "mmu": mmu_median(members),
             "precision": median_ci(r["precision"]["precision"] for r in members
                                    if r["precision"]),
+            "cpu": {key: median_ci(r["cpu"][key] for r in members)
+                    for key in ("user", "system", "mutator", "collector")},
+            "minor_faults": median_ci(r["minor_faults"] for r in members),
+            "stall_seconds": median_ci(r["mutator_stats"]["stall_seconds"] for r in members),
         })
     return rows
 
