@@ -25,6 +25,8 @@ reachable at remark is freed; floating garbage waits for the next cycle.
 import math
 import numbers
 import operator
+import os
+import warnings
 
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport realloc, free
@@ -148,8 +150,9 @@ cdef uint64_t rescan_dirty(HeapCore *h, const CardBits *cards, size_t first_card
 
 # ---- the remark's rescan, split across GC worker threads ---------------------------------
 
-# Fewer dirty cards than this (tens of microseconds of rescan) gain less
-# from a split than waking a worker costs.
+# A final pass that reported fewer cards' worth of pages than this (at most
+# that many dirty cards: tens of microseconds of rescan) gains less from a
+# split rescan than waking a worker costs.
 cdef size_t MIN_SPLIT_DIRTY_CARDS = 256
 # Dirty cards cluster where the mutators allocate and store: many small
 # chunks even the threads' shares out. Shorter chunks than the minimum cost
@@ -167,9 +170,10 @@ ctypedef struct SplitRescan:
 
 cdef void rescan_chunks(void *ctx, size_t participant) noexcept nogil:
     """One participant's share of the remark: rescan the marked objects on
-    the dirty cards of chunks until none is left, then trace from them on
-    its own gray stack. Marking is an atomic test-and-set, so every object
-    is scanned by one participant only."""
+    the dirty cards of chunks until none is left, tracing from them on its
+    own gray stack. Marking is an atomic test-and-set, so an object newly
+    marked is traced by one participant only (a marked object on a dirty
+    card may be rescanned by two, which costs time, not correctness)."""
     cdef SplitRescan *split = <SplitRescan *>ctx
     cdef const CardBits *cards = split.cards
     cdef GrayStack *s = split.stacks[participant]
@@ -356,18 +360,24 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         """The started worker threads, as (kernel thread id, pinned CPU or -1)
         pairs; empty until the first concurrent cycle, or with workers=1."""
         cdef size_t k
+        if os.getpid() != self.pool.owner_pid:             # a forked child has none
+            return ()
         return tuple((self.pool.workers[k].tid, self.pool.workers[k].cpu)
                      for k in range(self.pool.count))
 
     cdef int start_workers(self) except -1:
-        """Start the worker threads once, outside any pause."""
+        """Start the worker threads once, outside any pause. Where the system
+        refuses threads the remark does with those that started, or with the
+        collector's own thread alone (workers becomes 1), and says so once."""
         cdef int rc
         if self.workers < 2 or self.pool.workers != NULL:
             return 0
         with nogil:
             rc = pool_start(&self.pool, self.workers)
         if rc:
-            raise TrackerError(-rc, "pthread_create", "GC worker threads")
+            warnings.warn(f"gctrack: no GC worker thread could start ({os.strerror(-rc)}); "
+                          "the remark runs on the collector's thread alone", RuntimeWarning)
+            self.workers = 1
         return 0
 
     cdef GrayStack *stack_of(self, size_t participant) noexcept:
@@ -496,11 +506,10 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
             raise TypeError(f"after_phase must be callable, got {type(after_phase).__name__}")
         if after_phase is not None and not concurrent:
             raise ValueError("after_phase needs a concurrent cycle: a stop-the-world one has no phases")
-        if concurrent:
-            self.start_workers()
         self.heap.collecting = True
         try:
             if concurrent:
+                self.start_workers()
                 return self.concurrent_cycle(max_preclean, after_phase)
             return self.stop_the_world_cycle()
         except BaseException:

@@ -28,7 +28,9 @@ from gctrack.errors import TrackerError, UnsupportedError, userfaultfd_unsupport
 
 # Features this backend asks UFFDIO_API for.
 REQUIRED_FEATURES = GCT_UFFD_FEATURE_WP_ASYNC | GCT_UFFD_FEATURE_WP_UNPOPULATED
-DEFAULT_VECTOR_LEN = 4096
+cdef enum:
+    DEFAULT_REGIONS = 4096      # the default output vector: 96 KiB, under malloc's mmap threshold
+DEFAULT_VECTOR_LEN = DEFAULT_REGIONS
 #: The largest output vector (regions per PAGEMAP_SCAN call): 384 MiB of regions.
 MAX_VECTOR_LEN = 1 << 24
 
@@ -146,9 +148,11 @@ cdef int scan_pass(BackendCore *base, uintptr_t start, uintptr_t end, bint reset
 cdef int report_range(BackendCore *base, uintptr_t start, uintptr_t end, RegionSink *sink,
                       PassCounts *counts) noexcept nogil:
     """A report-only walk with a vector of its own (one per calling thread),
-    no longer than the range's pages need."""
+    no longer than the range's pages need, nor than the default: a longer
+    one would come from mmap, whose lock the other threads' walks take."""
     cdef PagemapScanCore *core = <PagemapScanCore *>base
-    cdef uint64_t vec_len = min(core.vec_len, (end - start) // base.granularity + 1)
+    cdef uint64_t vec_len = min(core.vec_len, <uint64_t>DEFAULT_REGIONS,
+                                (end - start) // base.granularity + 1)
     cdef gct_page_region *vec = <gct_page_region *>malloc(vec_len * sizeof(gct_page_region))
     if vec == NULL:
         base.failed_operation = "allocating a region vector"

@@ -254,7 +254,7 @@ cdef uintptr_t split_alignment(const BackendCore *backend, const CardBits *cards
     """What the chunks of a split pass are multiples of, so that each begins
     on a page and on a word of card bits (64 cards from the table's base);
     0 when that would overflow."""
-    if cards.card_shift + 6 >= 64:
+    if cards.card_shift + 6 >= 63:           # callers double it
         return 0
     cdef uintptr_t word = <uintptr_t>64 << cards.card_shift
     return word if word > backend.granularity else backend.granularity

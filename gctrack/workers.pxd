@@ -2,9 +2,9 @@
 """GC worker threads: a pool of pinned native threads that share the work of
 a stopped-world phase (the remark) with the thread that runs it.
 
-The threads sleep on a futex until pool_run() hands them a job, so they cost
-nothing while the mutators run, and they are woken only by the collector,
-once the world is stopped. Each is pinned to one CPU of the creating
+The threads sleep on a futex until pool_run() hands them a job, and again as
+soon as it is done, so they cost nothing while the mutators run; they are
+woken only by the collector, once the world is stopped. Each is pinned to one CPU of the creating
 thread's affinity set: an unpinned helper on a busy 2-CPU machine can wait a
 whole scheduler tick (4 ms) for a CPU. pool_run() never wakes the worker
 pinned to the caller's own CPU (the caller takes that share itself).
@@ -43,10 +43,11 @@ ctypedef struct WorkerPool:
 
 # Start `count` (1..MAX_WORKERS) threads, pinned round-robin to the CPUs the
 # caller may run on, with every signal blocked; returns once each has run.
-# 0 or -errno (the pool is then empty).
+# 0, with pool.count the threads started (fewer than asked if the system
+# refused more), or -errno when none could start (the pool is then empty).
 cdef int pool_start(WorkerPool *pool, size_t count) noexcept nogil
 # Run fn(ctx, i) on the caller (i = 0) and on up to max_participants - 1
-# workers not pinned to the caller's CPU, each with its own i. A worker that
+# workers, at most one per CPU and none on the caller's, each with its own i. A worker that
 # wakes only after the caller's fn returned stays out, so a job must be
 # complete once the caller's share is (fn takes work from a shared pool,
 # e.g. Chunks). Returns, with every fn returned, the number of participants.

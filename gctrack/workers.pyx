@@ -105,11 +105,9 @@ cdef extern from *:
     void restore_signals "gct_restore_signals"(const sigset_t *old) nogil
 
 
-# A worker that finished a job spins this long before it sleeps: the remark
-# hands out its second job (the rescan) right after the first (the walk).
-cdef double WORKER_SPIN_SECONDS = 50e-6
-# The caller spins this long waiting for its participants before it sleeps.
-cdef double CALLER_SPIN_SECONDS = 2e-3
+# The caller spins this long waiting for the workers inside its job, then
+# sleeps: it is not pinned, and may have moved onto one of their CPUs.
+cdef double CALLER_SPIN_SECONDS = 50e-6
 
 
 cdef inline double seconds_now() noexcept nogil:
@@ -138,7 +136,7 @@ cdef void *worker_main(void *arg) noexcept nogil:
     cdef unsigned seen = 0
     atomic_store_int(&w.tid, gettid())
     while True:
-        wait_while_equal(&w.job, seen, WORKER_SPIN_SECONDS if seen else 0.0)
+        wait_while_equal(&w.job, seen, 0.0)          # asleep between jobs: no CPU taken
         seen = atomic_load(&w.job)
         if atomic_load_int(&pool.stopping):
             return NULL
@@ -188,13 +186,28 @@ cdef int pool_start(WorkerPool *pool, size_t count) noexcept nogil:
         if num_cpus and pin_thread(pool.workers[k].thread, cpus[k % num_cpus]) == 0:
             pool.workers[k].cpu = cpus[k % num_cpus]
     restore_signals(&old_mask)
-    if rc:
+    if pool.count == 0:
         pool_stop(pool)
         return -rc
-    for k in range(count):                          # each has run: its tid is known
+    for k in range(pool.count):                     # each has run: its tid is known
         while atomic_load_int(&pool.workers[k].tid) == 0:
             sched_yield()
     return 0
+
+
+cdef bint cpu_is_free(const Worker *w, int here, Worker **handed, size_t chosen) noexcept nogil:
+    """Whether w's CPU runs nobody in the job yet: neither the caller (on
+    CPU ``here``) nor a worker already handed it (two on one CPU would
+    only take turns)."""
+    cdef size_t k
+    if w.cpu < 0:
+        return True                                  # not pinned: the scheduler places it
+    if w.cpu == here:
+        return False
+    for k in range(chosen):
+        if handed[k].cpu == w.cpu:
+            return False
+    return True
 
 
 cdef size_t pool_run(WorkerPool *pool, WorkFn fn, void *ctx, size_t max_participants) noexcept nogil:
@@ -205,9 +218,11 @@ cdef size_t pool_run(WorkerPool *pool, WorkFn fn, void *ctx, size_t max_particip
     if pool.count == 0 or getpid() != pool.owner_pid or max_participants <= 1:
         fn(ctx, 0)
         return 1
+    if max_participants > MAX_WORKERS:                # participant indices stay below it
+        max_participants = MAX_WORKERS
     here = sched_getcpu()
     for k in range(pool.count):
-        if chosen + 1 < max_participants and pool.workers[k].cpu != here:
+        if chosen + 1 < max_participants and cpu_is_free(&pool.workers[k], here, handed, chosen):
             pool.workers[k].participant = chosen + 1
             handed[chosen] = &pool.workers[k]
             chosen += 1

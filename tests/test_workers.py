@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy
 import pytest
@@ -179,16 +180,19 @@ def test_dropping_the_collector_joins_its_workers():
         assert len(tids) == 3 and tids <= live_tids()
         del collector
         gc.collect()
+        # pthread_join returns when the kernel clears the thread id, a moment
+        # before the task leaves /proc
+        deadline = time.monotonic() + 2
+        while tids & live_tids() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert not tids & live_tids()
 
 
-@pytest.mark.parametrize("workers", [1, 2, 4])
-def test_a_split_remark_rescans_every_dirty_card_in_every_chunk(heap_backend_any, workers):
-    """Holders spread over a 16 MiB extent each receive, after the last
-    precleaning round, the only reference to an unmarked object: each target
-    survives only if the remark's rescan reached its holder's card, in
-    whichever thread's chunk it lay."""
-    with Heap(32 * MiB, backend=heap_backend_any) as heap:
+def remark_after_late_stores(backend: str, workers: int):
+    """One cycle on a fresh heap in which holders spread over a 16 MiB extent
+    each receive, after the last precleaning round, the only reference to
+    an unmarked object. Returns (cycle stats, targets freed)."""
+    with Heap(32 * MiB, backend=backend) as heap:
         anchor = heap.alloc(root=True)
         populate(heap, (16 * MiB) // heap.object_size, garbage=1.0)   # unreachable filler
         # more holders than MIN_SPLIT_DIRTY_CARDS, so that the rescan is split
@@ -210,11 +214,23 @@ def test_a_split_remark_rescans_every_dirty_card_in_every_chunk(heap_backend_any
                     heap.remove_root(target)
 
         stats = Collector(heap, workers=workers).collect(max_preclean=1, after_phase=after_phase)
-        assert len(targets) >= 300
+        assert len(targets) >= 300 and stats.remark_dirty_cards >= len(holders)
         live = set(heap.allocated().tolist())
-        lost = [t for t in targets if (t - heap.base) // heap.object_size not in live]
+        return stats, [t for t in targets if (t - heap.base) // heap.object_size not in live]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_a_split_remark_rescans_every_dirty_card_in_every_chunk(heap_backend_any, workers):
+    """Each target survives only if the remark's rescan reached its holder's
+    card, in whichever thread's chunk it lay. A worker joins a remark only if
+    it wakes before the collector's own share ends: up to three cycles, until
+    one was shared."""
+    for _ in range(3):
+        stats, lost = remark_after_late_stores(heap_backend_any, workers)
         assert not lost, f"{len(lost)} targets on dirty cards were freed"
-        assert stats.remark_dirty_cards >= len(holders)
+        if stats.remark_threads == min(workers, CPUS):
+            break
+    assert stats.remark_threads == min(workers, CPUS), "one thread per CPU at most"
 
 
 @pytest.fixture(params=["pagemap_scan", "mprotect", "uffd_sync", "software"])
