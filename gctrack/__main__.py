@@ -189,6 +189,16 @@ def cmd_verify_demo(args: argparse.Namespace) -> int:
     return 0 if found_exactly else 1
 
 
+def cmd_bench_gc(args: argparse.Namespace) -> int:
+    from gctrack import harness
+
+    interrupted, failed = harness.main(args, [program_name(), *sys.argv[1:]])
+    if interrupted:
+        print("interrupted: the results above are the runs that finished", file=sys.stderr)
+        return INTERRUPTED
+    return 1 if failed else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -281,17 +291,66 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--rounds", type=POSITIVE, default=3, help="rounds (default 3)")
     verify.add_argument("--seed", type=int, default=14, help="random seed (default 14)")
     verify.set_defaults(run=cmd_verify_demo)
-    bench_parser = sub.add_parser(
-        "bench", help="compare every backend: table, JSON, CSV, plots",
-        description="Measure every backend's first-write cost and one collect + re-arm, against "
-                    "arena size and dirty fraction. The full sweep takes about 2-3 minutes and "
-                    "about 4.2 GB of resident memory (its largest arena is 4 GiB); --quick takes "
-                    "under a minute and about 0.4 GB. Plots need matplotlib: "
-                    "pip install 'gctrack[plots]'.")
-    bench_parser.add_argument("--quick", action="store_true", help="a sweep under a minute")
-    bench_parser.add_argument("--out", default="gctrack-bench", help="output folder")
-    bench_parser.set_defaults(run=cmd_bench)
+    add_bench(sub)
     return parser
+
+
+PASSES_DESCRIPTION = (
+    "Measure every backend's first-write cost and one collect + re-arm, against arena size and "
+    "dirty fraction. The full sweep takes about 2-3 minutes and about 4.2 GB of resident memory "
+    "(its largest arena is 4 GiB); --quick takes under a minute and about 0.4 GB. Plots need "
+    "matplotlib: pip install 'gctrack[plots]'.")
+
+
+def add_bench_passes_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a sweep under a minute")
+    parser.add_argument("--out", default="gctrack-bench", help="output folder")
+    parser.set_defaults(run=cmd_bench)
+
+
+def add_bench(sub) -> None:
+    """``bench`` (the same as ``bench passes``), ``bench passes`` and ``bench gc``."""
+    from gctrack import harness
+
+    bench_parser = sub.add_parser(
+        "bench", help="compare every backend: passes (the default) or GC runs",
+        description=f"bench passes (the default): {PASSES_DESCRIPTION} bench gc: the research "
+                    "harness, workloads on the collector with every backend.")
+    add_bench_passes_options(bench_parser)
+    kinds = bench_parser.add_subparsers(dest="bench", metavar="{passes,gc}")
+    add_bench_passes_options(kinds.add_parser(
+        "passes", help="first-write and pass cost against arena size and dirty fraction",
+        description=PASSES_DESCRIPTION))
+    gc = kinds.add_parser(
+        "gc", help="workloads on the collector with every backend: pauses, MMU, throughput",
+        description="Run each workload's native mutators on a heap with each backend, and with "
+                    "an untracked stop-the-world baseline, and report pause percentiles with "
+                    "time to safepoint, minimum mutator utilisation, throughput against the "
+                    "baseline, CPU time, minor faults and the precision of the reported cards. "
+                    "Writes results.json and results.csv after every run (Ctrl-C keeps what is "
+                    "done) and PNG plots when matplotlib is installed (pip install "
+                    "'gctrack[plots]'). --quick takes under a minute on 2 cores.")
+    gc.add_argument("--workload", action="append", choices=harness.WORKLOADS,
+                    help="a workload to run, repeatable (default: all of %(choices)s)")
+    gc.add_argument("--backend", action="append", choices=harness.GC_BACKENDS,
+                    help="a backend to run, repeatable (default: every one available of "
+                         "%(choices)s); the untracked baseline always runs")
+    gc.add_argument("--quick", action="store_true",
+                    help="a small heap and short runs: under a minute on 2 cores")
+    gc.add_argument("--repeat", type=POSITIVE, default=1,
+                    help="runs of each setting; medians with confidence intervals (default 1)")
+    gc.add_argument("--out", default="gctrack-bench-gc", help="output folder")
+    gc.add_argument("--heap-mib", type=POSITIVE, help="heap size (default 256; 32 with --quick)")
+    gc.add_argument("--seconds", type=checked(float, lambda v: 0 < v < float("inf"),
+                                              "a positive number of seconds"),
+                    help="each run's measured time (default 4; 0.6 with --quick)")
+    gc.add_argument("--threads", type=POSITIVE, help="mutator threads (default 2)")
+    gc.add_argument("--sweep", type=NOT_NEGATIVE, nargs="+", metavar="RATIO",
+                    help="gcold's old_store_ratio values, stores into the old tree per "
+                         "short-lived object (default: "
+                         f"{' '.join(f'{r:g}' for r in harness.FULL.sweep)}; "
+                         f"{' '.join(f'{r:g}' for r in harness.QUICK.sweep)} with --quick)")
+    gc.set_defaults(run=cmd_bench_gc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ with the raw C reference beside.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import statistics
@@ -209,17 +210,38 @@ def table(results: list[Result], missing: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def environment(sweep: Sweep) -> dict:
-    """What the figures were measured on."""
-    model = "unknown CPU"
+def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f
-                          if line.startswith("model name")), model)
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), "unknown CPU")
     except OSError:
-        pass
-    return {"kernel": os.uname().release, "machine": os.uname().machine, "cpu": model,
+        return "unknown CPU"
+
+
+def environment(sweep: Sweep) -> dict:
+    """What the figures were measured on."""
+    return {"kernel": os.uname().release, "machine": os.uname().machine, "cpu": cpu_model(),
             "cores": os.cpu_count(), "rounds": sweep.rounds}
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename: a reader (or a Ctrl-C)
+    never sees a half-written file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def csv_text(rows: list[dict], fields=None) -> str:
+    """Rows of one shape as CSV, a header line first (``fields``, or the
+    first row's keys)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields or rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def write_outputs(results: list[Result], missing: dict[str, str], out: Path,
@@ -228,16 +250,15 @@ def write_outputs(results: list[Result], missing: dict[str, str], out: Path,
     rows = [asdict(r) for r in results]
     written = [out / "results.json", out / "results.csv"]
     env = environment(sweep)
-    written[0].write_text(json.dumps({**env, "results": rows, "unavailable": missing}, indent=1))
-    with written[1].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_atomically(written[0], json.dumps({**env, "results": rows, "unavailable": missing},
+                                            indent=1))
+    write_atomically(written[1], csv_text(rows))
     return written + plot(results, out, env)
 
 
-def plot(results: list[Result], out: Path, env: dict) -> list[Path]:
-    """Pass cost against arena size and against dirty fraction, if matplotlib is there."""
+def load_pyplot():
+    """matplotlib.pyplot on a file-only backend, or None (with a hint on
+    stderr) when matplotlib is not installed."""
     try:
         import matplotlib  # type: ignore[import-not-found]
         matplotlib.use("Agg")
@@ -245,6 +266,14 @@ def plot(results: list[Result], out: Path, env: dict) -> list[Path]:
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install 'gctrack[plots]')",
               file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(results: list[Result], out: Path, env: dict) -> list[Path]:
+    """Pass cost against arena size and against dirty fraction, if matplotlib is there."""
+    plt = load_pyplot()
+    if plt is None:
         return []
     collects = [r for r in results if r.kind == "collect"]
     if not collects:

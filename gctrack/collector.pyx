@@ -329,6 +329,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
     cdef readonly size_t workers    # threads that share a remark, the collector's included
     cdef WorkerPool pool            # started by the first concurrent cycle when workers > 1
     cdef GrayStack helper_stacks[MAX_WORKERS]    # gray stacks of participants 1 .. workers - 1
+    cdef double stop_requested      # when the last stop_world_timed() asked the mutators to stop
 
     def __repr__(self):
         return f"<gctrack.Collector of {self.heap!r}, {self.cards.card_size} B cards>"
@@ -398,7 +399,13 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         until the last mutator parked (part of the pause the mutators see)."""
         cdef double requested = now()
         self.heap.stop_world()
+        self.stop_requested = requested
         return now() - requested
+
+    cdef tuple pause_span(self):
+        """The pause that just ended, right after resume_world(): (stop
+        requested, resumed) in CLOCK_MONOTONIC seconds (time.monotonic())."""
+        return (self.stop_requested, now())
 
     cdef double predict_remark(self, size_t dirty) noexcept:
         """The remark if it started now: walk the extent, rescan about as
@@ -551,11 +558,13 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
             freed = sweep(h)
         finally:
             self.heap.resume_world()
+        span = self.pause_span()
         return CycleStats(backend=self.heap.backend, concurrent=False, live=self.heap.live_count,
                           freed=freed, initial_mark_pause=0.0, concurrent_mark_seconds=0.0,
                           preclean=(), remark_pause=marked - started, remark_dirty_cards=0,
                           full_mark_seconds=marked - started, sweep_seconds=now() - marked,
-                          remark_time_to_safepoint=to_safepoint, pause_goal=self.pause_goal)
+                          remark_time_to_safepoint=to_safepoint, pause_goal=self.pause_goal,
+                          pause_spans=(span,))
 
     cdef object concurrent_cycle(self, int max_preclean, object after_phase):
         cdef HeapCore *h = &self.heap.core
@@ -578,6 +587,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         mark_roots(h, &self.stack)
         t1 = now()
         self.heap.resume_world()
+        initial_span = self.pause_span()
         initial_pause = t1 - t0
         if after_phase is not None:
             after_phase("initial_mark")
@@ -628,6 +638,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
             self.heap.verify_barriers_at_remark()    # a debug aid, not counted in remark_pause
         finally:
             self.heap.resume_world()
+        remark_span = self.pause_span()
         self.check_stack()
         remark_pause = t1 - t0
         learn(&self.remark_costs, counts.seconds / self.extent.size,
@@ -645,4 +656,5 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
                           remark_time_to_safepoint=remark_safepoint, rearm_pages=rearm.pages,
                           pause_goal=self.pause_goal, predicted_remark=predicted,
                           outran_precleaning=predicted > self.pause_goal,
-                          remark_threads=remark_threads, remark_pass_seconds=counts.seconds)
+                          remark_threads=remark_threads, remark_pass_seconds=counts.seconds,
+                          pause_spans=(initial_span, remark_span))

@@ -107,6 +107,9 @@ cdef class Heap:
     cdef CardTable barrier_cards
     cdef str verify_mode                                 # "raise" or "record"
     cdef list missed_batches
+    cdef CardTable reported              # reported_cards: every pass's cards ORed in, or None
+    cdef CardTable stored                # stored_cards: the mutators' marks, settled at each pass
+    cdef uint64_t settled[3]             # card_counts: passes, reported, stored
 
     cdef int check_open(self) except -1
     cdef uintptr_t checked_object(self, object obj, str what) except 0
@@ -117,4 +120,5 @@ cdef class Heap:
     cdef void resume_world(self) noexcept
     cdef int arm_verifier(self) except -1
     cdef int note_dirty_cards(self, CardTable cards) except -1
+    cdef int check_covers_arena(self, CardTable cards, str name) except -1
     cdef int verify_barriers_at_remark(self) except -1

@@ -2,6 +2,7 @@ import numpy
 import numpy.typing as npt
 
 from gctrack.arena import Arena
+from gctrack.cards import CardTable
 from gctrack.tracker import Tracker
 from gctrack.verifier import BarrierVerifier
 
@@ -30,6 +31,22 @@ class Heap:
     @property
     def missed_barriers(self) -> npt.NDArray[numpy.void]:
         """Every missed barrier recorded (verify_barriers="record")."""
+        ...
+    @property
+    def reported_cards(self) -> CardTable | None:
+        """The union of the cards every collector pass reported since it was set."""
+        ...
+    @reported_cards.setter
+    def reported_cards(self, cards: CardTable | None) -> None: ...
+    @property
+    def stored_cards(self) -> CardTable | None:
+        """The mutators' card of every reference store; each pass settles the cards it reports."""
+        ...
+    @stored_cards.setter
+    def stored_cards(self, cards: CardTable | None) -> None: ...
+    @property
+    def card_counts(self) -> dict[str, int]:
+        """passes, reported and stored cards, summed over the passes since stored_cards was set."""
         ...
     @property
     def object_size(self) -> int: ...

@@ -11,7 +11,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from posix.unistd cimport getpid
 
 from gctrack.arena cimport Arena
-from gctrack.cards cimport CardTable, cards_or
+from gctrack.cards cimport CardBits, CardTable, cards_or
 from gctrack.dirtymap cimport gct_bits_load, gct_bits_set
 from gctrack.software cimport software_core_of, software_write_barrier
 from gctrack.tracker cimport Tracker
@@ -56,6 +56,16 @@ cdef extern from *:
     void gct_store_size(size_t *p, size_t v) nogil
 
 
+cdef extern from *:
+    """
+    static inline uint64_t gct_fetch_and_clear(uint64_t *word, uint64_t mask) {
+        return __atomic_fetch_and(word, ~mask, __ATOMIC_ACQ_REL);
+    }
+    """
+    uint64_t fetch_and_clear "gct_fetch_and_clear"(uint64_t *word, uint64_t mask) nogil
+    int popcount64 "__builtin_popcountll"(unsigned long long x) nogil
+
+
 # ---- allocation and stores ----------------------------------------------------
 
 cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil:
@@ -78,6 +88,21 @@ cdef uintptr_t heap_alloc(HeapCore *h) noexcept nogil:
     gct_bits_set(h.allocated, index)      # RELEASE, after the zeroed slots (see heap.pxd)
     pthread_mutex_unlock(&h.alloc_lock)
     return <uintptr_t>obj
+
+
+cdef void settle_stores(const CardBits *reported, CardBits *stored, uint64_t *counts) noexcept nogil:
+    """One pass's accounting for card_counts: count the cards it reported
+    (counts[1]) and, of them, those a store marked in ``stored`` since they
+    were last reported (counts[2]), clearing those marks atomically (the
+    mutators set marks meanwhile). Same geometry; a word at a time."""
+    cdef size_t w
+    cdef uint64_t bits
+    for w in range(reported.num_words):
+        bits = reported.words[w]
+        if bits:
+            counts[1] += popcount64(bits)
+            counts[2] += popcount64(fetch_and_clear(&stored.words[w], bits) & bits)
+    counts[0] += 1
 
 
 cdef uintptr_t heap_extent_end(const HeapCore *h, size_t align) noexcept nogil:
@@ -296,10 +321,62 @@ Fixed-size objects in a tracked Arena; see heap.pxd for the layout.
         return 0
 
     cdef int note_dirty_cards(self, CardTable cards) except -1:
-        """The collector reports each pass's cards: what the barrier marked."""
+        """The collector reports each pass's cards: what the barrier marked,
+        and what reported_cards accumulates."""
         if self.verifier is not None:
             cards_or(&self.barrier_cards.bits, &cards.bits)
+        if self.reported is not None:
+            cards_or(&self.reported.bits, &cards.bits)
+        if self.stored is not None:
+            settle_stores(&cards.bits, &self.stored.bits, self.settled)
         return 0
+
+    cdef int check_covers_arena(self, CardTable cards, str name) except -1:
+        if cards is not None and (cards.bits.base != self.core.base
+                                  or cards.bits.size != self.arena.size
+                                  or cards.card_size != self.card_size):
+            raise ValueError(f"{name} must cover the heap's arena with {self.card_size} B "
+                             f"cards, got {cards!r}")
+        return 0
+
+    @property
+    def reported_cards(self):
+        """None, or a CardTable over the heap's arena with its card size, into
+        which every tracking pass of a Collector ORs the cards it reported:
+        their union since it was set (a measure of the tracking's precision).
+        Set it to None to stop."""
+        return self.reported
+
+    @reported_cards.setter
+    def reported_cards(self, CardTable cards):
+        self.check_covers_arena(cards, "reported_cards")
+        self.reported = cards
+
+    @property
+    def stored_cards(self):
+        """None, or the CardTable over the heap's arena (with its card size) in
+        which the mutators mark the card of every reference store
+        (NativeMutators(stored_cards=...)). While it is set, every collector
+        pass counts in card_counts the cards it reported and, of them, those
+        marked here since they were last reported, and clears those marks: what
+        is left marked was stored and not reported since. Setting it zeroes
+        card_counts."""
+        return self.stored
+
+    @stored_cards.setter
+    def stored_cards(self, CardTable cards):
+        self.check_covers_arena(cards, "stored_cards")
+        self.stored = cards
+        self.settled[0] = self.settled[1] = self.settled[2] = 0
+
+    @property
+    def card_counts(self):
+        """Totals since stored_cards was set: ``passes``, ``reported`` (cards,
+        summed over the passes) and ``stored`` (of those, cards a reference
+        store marked since they were last reported). stored / reported is the
+        tracking's precision at the collector's own intervals."""
+        return {"passes": self.settled[0], "reported": self.settled[1],
+                "stored": self.settled[2]}
 
     cdef int verify_barriers_at_remark(self) except -1:
         """With the world stopped: judge the stores since the last remark.

@@ -63,3 +63,9 @@ class CycleStats:
     remark_threads: int = 1
     #: of remark_pause, the final tracking pass (report-only)
     remark_pass_seconds: float = 0.0
+    #: each pause as (stopped, resumed) in CLOCK_MONOTONIC seconds, the clock
+    #: of time.monotonic(): from the stop request (time to safepoint included)
+    #: until the mutators were released. A concurrent cycle has two, the
+    #: initial mark's and the remark's; a stop-the-world cycle has one. What a
+    #: minimum-mutator-utilisation curve is computed from
+    pause_spans: tuple[tuple[float, float], ...] = ()

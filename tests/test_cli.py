@@ -103,19 +103,46 @@ def test_ctrl_c_in_the_demo_exits_cleanly_after_finished_cycles():
     assert "violations" in out
 
 
-def test_ctrl_c_in_the_bench_keeps_the_finished_results(tmp_path):
-    child = subprocess.Popen([sys.executable, "-m", "gctrack", "bench", "--quick", "--out",
-                              str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+def interrupt_after_two_steps(*args):
+    """Run a bench command, press Ctrl-C once it reports its second step;
+    returns the finished process's (returncode, stdout, stderr)."""
+    child = subprocess.Popen([sys.executable, "-m", "gctrack", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     for line in child.stderr:
         if line.startswith("[2/"):                  # plain progress lines: stderr is a pipe
             break
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=120)
-    assert child.returncode == 130, err
+    return child.returncode, out, err
+
+
+def test_ctrl_c_in_the_bench_keeps_the_finished_results(tmp_path):
+    returncode, out, err = interrupt_after_two_steps("bench", "--quick", "--out", str(tmp_path))
+    assert returncode == 130, err
     assert "Traceback" not in err and "\r" not in err
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert len(results) >= 2
+
+
+def test_bench_is_bench_passes_and_bench_gc_lists_its_choices():
+    from gctrack import harness
+    assert "{passes,gc}" in run("bench", "--help").stdout
+    assert "4.2 GB" in run("bench", "passes", "--help").stdout
+    gc = run("bench", "gc", "--help").stdout
+    assert all(name in gc for name in (*harness.GC_BACKENDS, *harness.WORKLOADS))
+    assert "--repeat" in gc and "pip install 'gctrack[plots]'" in gc
+
+
+def test_ctrl_c_in_bench_gc_keeps_the_finished_runs(tmp_path):
+    require("pagemap_scan")
+    returncode, out, err = interrupt_after_two_steps(
+        "bench", "gc", "--workload", "rewire", "--heap-mib", "8", "--seconds", "0.3",
+        "--out", str(tmp_path))
+    assert returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert len(document["runs"]) >= 2 and document["complete"] is False
+    assert document["runs"][0]["backend"] == "untracked" and "untracked" in out
 
 
 def test_bench_quick_writes_results_and_names_missing_backends(tmp_path):

@@ -326,6 +326,72 @@ def test_cycle_stats_count_the_time_to_safepoint(concurrent):
     assert (stats.initial_mark_time_to_safepoint > 0) == concurrent
 
 
+@pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent", "stop-the-world"])
+def test_pause_spans_bracket_each_pause_on_the_monotonic_clock(concurrent):
+    """Each span runs from the stop request to the resume: it holds the time
+    to safepoint and the pause, and lies inside the collect() call."""
+    require("pagemap_scan")
+    with Heap(4 << 20, backend="pagemap_scan") as heap:
+        populate(heap, heap.num_objects // 2, garbage=0.2)
+        with NativeMutators(heap, threads=2, rate=0):
+            before = time.monotonic()
+            stats = Collector(heap).collect(concurrent=concurrent)
+            after = time.monotonic()
+    spans = stats.pause_spans
+    assert len(spans) == (2 if concurrent else 1)
+    ends = [before] + [t for span in spans for t in span] + [after]
+    assert ends == sorted(ends) and all(end > start for start, end in spans)
+    stops = ([(stats.initial_mark_time_to_safepoint, stats.initial_mark_pause)] if concurrent
+             else []) + [(stats.remark_time_to_safepoint, stats.remark_pause)]
+    for (start, end), (to_safepoint, pause) in zip(spans, stops):
+        assert end - start >= to_safepoint + pause
+
+
+def test_reported_cards_accumulate_every_pass_of_every_cycle(heap_backend):
+    with Heap(2 << 20, backend=heap_backend) as heap:
+        a, b = heap.alloc(root=True), heap.alloc(root=True)
+        collector = Collector(heap)
+        collector.collect()
+        with pytest.raises(ValueError, match="512 B cards"):
+            heap.reported_cards = gctrack.CardTable.for_arena(heap.arena, 1024)
+        heap.reported_cards = union = gctrack.CardTable.for_arena(heap.arena, heap.card_size)
+        heap.set_ref(a, 0, b)
+        collector.collect()
+        heap.set_ref(b, 0, a)
+        collector.collect()
+        assert heap.reported_cards is union
+        assert union.is_dirty(a + 8) and union.is_dirty(b + 8)
+        heap.reported_cards = None
+        heap.set_ref(a, 1, b)
+        union.clear()
+        collector.collect()
+        assert union.count() == 0, "a detached table still received cards"
+
+
+def test_card_counts_settle_the_stored_marks_at_each_pass(heap_backend):
+    with Heap(2 << 20, backend=heap_backend) as heap:
+        a, b = heap.alloc(root=True), heap.alloc(root=True)
+        collector = Collector(heap)
+        collector.collect()
+        stored = gctrack.CardTable.for_arena(heap.arena, heap.card_size)
+        heap.stored_cards = stored
+        assert heap.stored_cards is stored
+        assert heap.card_counts == {"passes": 0, "reported": 0, "stored": 0}
+        heap.set_ref(a, 0, b)
+        stored.mark_range(a + 8, 8)                 # the store's mark, as a mutator makes it
+        never_written = heap.base + heap.arena.size - 64
+        stored.mark_range(never_written, 8)         # a mark with no store behind it
+        stats = collector.collect()
+        counts = heap.card_counts
+        assert counts["passes"] == 2 + len(stats.preclean)
+        assert counts["stored"] == 1
+        assert counts["reported"] == max(1, heap.tracker.granularity // heap.card_size)
+        assert not stored.is_dirty(a + 8), "a reported mark is settled"
+        assert stored.is_dirty(never_written), "what no pass reported stays marked"
+        heap.stored_cards = None
+        assert heap.card_counts["passes"] == 0
+
+
 def test_passes_walk_only_the_allocated_extent(heap_backend, page_size):
     """A page past every object ever allocated is not walked: a write there
     is not reported, until allocation grows the extent over it."""

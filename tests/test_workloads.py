@@ -195,6 +195,9 @@ def test_stored_cards_lie_within_what_a_tracker_reports(workload):
                 mutators.pause()
                 tracker.collect(reported)
                 stores = mutators.stats()["stores"]
+                # stop() resumes the world before the threads see that they
+                # must leave: read the truth while it is still paused
+                truth = truth.copy()
         finally:
             tracker.close()
     assert truth.count() > 0 and stores > 1000
