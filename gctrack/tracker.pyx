@@ -197,9 +197,11 @@ cdef int pass_guards(TrackerCore *t, const void *owner, const CardBits *cards,
 
 
 cdef int locked_pass(TrackerCore *t, const void *owner, CardBits *cards, bint reset,
-                     uint64_t max_pages, uintptr_t end, PassCounts *counts) noexcept nogil:
+                     uint64_t max_pages, uintptr_t end, PassCounts *counts,
+                     WorkerPool *pool=NULL, size_t max_participants=1) noexcept nogil:
     """One pass over [arena start, end) into ``cards``, under the lock, once
-    every guard has passed; end 0 is the arena's end."""
+    every guard has passed; end 0 is the arena's end. A report-only pass
+    over the whole range is split across ``pool`` where it can be."""
     cdef RegionSink sink
     cdef PassCounts ignored
     cdef int rc
@@ -209,8 +211,10 @@ cdef int locked_pass(TrackerCore *t, const void *owner, CardBits *cards, bint re
     sink.ctx = cards
     pthread_mutex_lock(&t.lock)
     rc = pass_guards(t, owner, cards, &end)
-    if rc == 0:
+    if rc == 0 and (reset or max_pages):
         rc = timed_pass(t.backend, t.backend.start, end, reset, max_pages, &sink, counts)
+    elif rc == 0:
+        rc = split_report(t.backend, cards, end, pool, max_participants, counts)
     pthread_mutex_unlock(&t.lock)
     return rc
 
@@ -317,18 +321,10 @@ cdef int tracker_owner_pass(TrackerCore *t, const void *owner, CardBits *cards, 
 cdef int tracker_owner_report(TrackerCore *t, const void *owner, CardBits *cards, uintptr_t end,
                               WorkerPool *pool, size_t max_participants,
                               PassCounts *counts) noexcept nogil:
-    cdef PassCounts ignored
     cdef int rc = usable(t)
     if rc:
         return rc
-    if counts == NULL:
-        counts = &ignored
-    pthread_mutex_lock(&t.lock)
-    rc = pass_guards(t, owner, cards, &end)
-    if rc == 0:
-        rc = split_report(t.backend, cards, end, pool, max_participants, counts)
-    pthread_mutex_unlock(&t.lock)
-    return rc
+    return locked_pass(t, owner, cards, False, 0, end, counts, pool, max_participants)
 
 
 cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noexcept nogil:
