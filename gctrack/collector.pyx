@@ -37,7 +37,7 @@ from gctrack.cards cimport CardBits, CardTable, cards_clear, cards_next_clean, c
 from gctrack.dirtymap cimport gct_bits_load
 from gctrack.heap cimport (Heap, HeapCore, heap_extent_end, heap_is_allocated, heap_is_object,
                            heap_load)
-from gctrack.tracker cimport tracker_owner_pass, tracker_owner_report
+from gctrack.tracker cimport RegionBuffer, tracker_owner_pass, tracker_owner_report
 from gctrack.workers cimport (MAX_WORKERS, Chunks, WorkerPool, chunk_size_for, chunks_init,
                               chunks_take, pool_run, pool_start, pool_stop)
 from gctrack.threads cimport pthread_mutex_lock, pthread_mutex_unlock
@@ -119,6 +119,28 @@ cdef inline bint is_marked(const HeapCore *h, size_t index) noexcept nogil:
     return (gct_bits_load(&h.marks[index >> 6]) >> (index & 63)) & 1
 
 
+cdef uint64_t rescan_cards(HeapCore *h, const CardBits *cards, size_t first, size_t after,
+                           GrayStack *s) noexcept nogil:
+    """Rescan every marked object that overlaps cards [first, after) (all
+    dirty); returns how many."""
+    cdef uint64_t rescanned = 0
+    cdef uintptr_t heap_end = h.base + (h.num_objects << h.object_shift)
+    cdef uintptr_t start = cards.base + (<uintptr_t>first << cards.card_shift)
+    cdef uintptr_t end = cards.base + (<uintptr_t>after << cards.card_shift)
+    if end > heap_end:
+        end = heap_end
+    if start >= end:
+        return 0
+    cdef size_t index = (start - h.base) >> h.object_shift
+    cdef size_t last = (end - 1 - h.base) >> h.object_shift
+    while index <= last:
+        if is_marked(h, index) and heap_is_allocated(h, index):
+            scan_object(h, s, h.base + (index << h.object_shift))
+            rescanned += 1
+        index += 1
+    return rescanned
+
+
 cdef uint64_t rescan_dirty(HeapCore *h, const CardBits *cards, size_t first_card, GrayStack *s,
                            size_t *dirty_cards) noexcept nogil:
     """Rescan every marked object that overlaps a dirty card of ``cards``
@@ -126,24 +148,33 @@ cdef uint64_t rescan_dirty(HeapCore *h, const CardBits *cards, size_t first_card
     (*dirty_cards): the walk visits every run of them anyway, so a separate
     count would read the table twice."""
     cdef uint64_t rescanned = 0
-    cdef size_t first = cards_next_dirty(cards, first_card), after, index, last, dirty = 0
-    cdef uintptr_t start, end
-    cdef uintptr_t heap_end = h.base + (h.num_objects << h.object_shift)
+    cdef size_t first = cards_next_dirty(cards, first_card), after, dirty = 0
     while first < cards.num_cards:
         after = cards_next_clean(cards, first)
         dirty += after - first
-        start = cards.base + (<uintptr_t>first << cards.card_shift)
-        end = cards.base + (<uintptr_t>after << cards.card_shift)
-        if end > heap_end:
-            end = heap_end
-        index = (start - h.base) >> h.object_shift
-        last = (end - 1 - h.base) >> h.object_shift
-        while index <= last:
-            if is_marked(h, index) and heap_is_allocated(h, index):
-                scan_object(h, s, h.base + (index << h.object_shift))
-                rescanned += 1
-            index += 1
+        rescanned += rescan_cards(h, cards, first, after, s)
         first = cards_next_dirty(cards, after)
+    dirty_cards[0] = dirty
+    return rescanned
+
+
+cdef uint64_t rescan_regions(HeapCore *h, const CardBits *cards, const RegionBuffer *regions,
+                             GrayStack *s, size_t *dirty_cards) noexcept nogil:
+    """rescan_dirty, led by the regions of the pass that marked ``cards``
+    (all of them, ascending and disjoint) instead of a read of every card
+    word: the dirty cards are exactly the cards those regions overlap."""
+    cdef uint64_t rescanned = 0
+    cdef size_t i, first, after, dirty = 0
+    cdef uintptr_t start, end, limit = cards.base + cards.size
+    for i in range(regions.length):
+        start = max(<uintptr_t>regions.data[i].start, cards.base)
+        end = min(<uintptr_t>regions.data[i].end, limit)
+        if start >= end:
+            continue
+        first = (start - cards.base) >> cards.card_shift
+        after = ((end - 1 - cards.base) >> cards.card_shift) + 1
+        dirty += after - first
+        rescanned += rescan_cards(h, cards, first, after, s)
     dirty_cards[0] = dirty
     return rescanned
 
@@ -329,6 +360,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
     cdef readonly size_t workers    # threads that share a remark, the collector's included
     cdef WorkerPool pool            # started by the first concurrent cycle when workers > 1
     cdef GrayStack helper_stacks[MAX_WORKERS]    # gray stacks of participants 1 .. workers - 1
+    cdef RegionBuffer final_regions  # what the remark's pass reported, when it was not split
     cdef double stop_requested      # when the last stop_world_timed() asked the mutators to stop
 
     def __repr__(self):
@@ -354,6 +386,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         free(self.stack.items)
         for k in range(MAX_WORKERS):
             free(self.helper_stacks[k].items)
+        free(self.final_regions.data)
 
     @property
     def worker_threads(self):
@@ -461,8 +494,11 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         the GIL stays held (Python mutators too must stay stopped)."""
         cdef PassCounts counts
         cdef uintptr_t end = self.cut_extent(clear=False)
+        self.final_regions.length = 0
+        self.final_regions.incomplete = False
         cdef int rc = tracker_owner_report(&self.heap.tracker.core, &self.heap.core, &self.extent,
-                                           end, &self.pool, self.workers, &counts)
+                                           end, &self.pool, self.workers, &self.final_regions,
+                                           &counts)
         self.passed(rc, "in the collector's remark")
         return counts
 
@@ -478,7 +514,10 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         cdef uint64_t cards_reported = dirty_pages * max(self.granularity >> cards.card_shift, 1)
         if (self.pool.count == 0 or cards.card_shift + 6 >= 64
                 or cards.size < 2 * MIN_RESCAN_CHUNK or cards_reported < MIN_SPLIT_DIRTY_CARDS):
-            rescan_dirty(&self.heap.core, cards, 0, &self.stack, dirty)
+            if self.final_regions.incomplete:
+                rescan_dirty(&self.heap.core, cards, 0, &self.stack, dirty)
+            else:                       # a 1 GiB extent's card words are 256 KiB: skip them
+                rescan_regions(&self.heap.core, cards, &self.final_regions, &self.stack, dirty)
             drain(&self.heap.core, &self.stack)
             return 1
         split.heap = &self.heap.core

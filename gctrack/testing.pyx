@@ -317,7 +317,7 @@ Report-only passes of ``tracker``, split across ``workers`` threads (the
         self.tracker.cards_for_arena(cards)
         with nogil:
             rc = tracker_owner_report(&self.tracker.core, NULL, &cards.bits, 0, &self.pool,
-                                      self.workers, &counts)
+                                      self.workers, NULL, &counts)
         if rc:
             raise TrackerError(-rc, "split report-only pass")
         return counts.seconds, counts.calls, counts.pages

@@ -3,8 +3,17 @@ from libc.stdint cimport uint64_t, uintptr_t
 from gctrack.arena cimport Arena
 from gctrack.backend cimport Backend, BackendCore, PassCounts
 from gctrack.cards cimport CardBits, CardTable
+from gctrack.linux cimport gct_page_region
 from gctrack.threads cimport pthread_t, pthread_mutex_t, pthread_cond_t
 from gctrack.workers cimport WorkerPool
+
+
+ctypedef struct RegionBuffer:
+    # Regions a pass reported, kept in a growing array.
+    gct_page_region *data
+    size_t length
+    size_t capacity
+    bint incomplete                 # some of the pass's regions are not here
 
 
 ctypedef struct TrackerCore:
@@ -50,8 +59,11 @@ cdef int tracker_owner_pass(TrackerCore *t, const void *owner, CardBits *cards, 
 # them, where the backend can (BackendCore.report_range) and the range is
 # long enough; otherwise one pass on the caller. The chunks begin on words of
 # card bits, so the participants never write one word of ``cards`` together.
+# ``keep`` (or NULL) receives the regions of a pass that was not split, in
+# ascending order; it is flagged incomplete when the pass was split or its
+# regions did not fit in memory (the cards are marked either way).
 cdef int tracker_owner_report(TrackerCore *t, const void *owner, CardBits *cards, uintptr_t end,
-                              WorkerPool *pool, size_t max_participants,
+                              WorkerPool *pool, size_t max_participants, RegionBuffer *keep,
                               PassCounts *counts) noexcept nogil
 
 

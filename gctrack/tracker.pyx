@@ -89,12 +89,6 @@ cdef int mark_cards(void *ctx, const gct_page_region *regions, size_t n) noexcep
     return 0
 
 
-ctypedef struct RegionBuffer:
-    gct_page_region *data
-    size_t length
-    size_t capacity
-
-
 cdef int append_regions(void *ctx, const gct_page_region *regions, size_t n) noexcept nogil:
     cdef RegionBuffer *buf = <RegionBuffer *>ctx
     cdef size_t capacity = buf.capacity if buf.capacity else 1024
@@ -109,6 +103,21 @@ cdef int append_regions(void *ctx, const gct_page_region *regions, size_t n) noe
         buf.capacity = capacity
     memcpy(buf.data + buf.length, regions, n * sizeof(gct_page_region))
     buf.length += n
+    return 0
+
+
+ctypedef struct CardsAndRegions:
+    CardBits *cards
+    RegionBuffer *regions
+
+
+cdef int mark_and_keep(void *ctx, const gct_page_region *regions, size_t n) noexcept nogil:
+    """Mark the cards, and keep the regions too while memory allows: if it
+    does not, the regions kept are flagged incomplete and the pass goes on."""
+    cdef CardsAndRegions *both = <CardsAndRegions *>ctx
+    cards_mark_regions(both.cards, regions, n)
+    if not both.regions.incomplete and append_regions(both.regions, regions, n) != 0:
+        both.regions.incomplete = True
     return 0
 
 
@@ -198,10 +207,12 @@ cdef int pass_guards(TrackerCore *t, const void *owner, const CardBits *cards,
 
 cdef int locked_pass(TrackerCore *t, const void *owner, CardBits *cards, bint reset,
                      uint64_t max_pages, uintptr_t end, PassCounts *counts,
-                     WorkerPool *pool=NULL, size_t max_participants=1) noexcept nogil:
+                     WorkerPool *pool=NULL, size_t max_participants=1,
+                     RegionBuffer *keep=NULL) noexcept nogil:
     """One pass over [arena start, end) into ``cards``, under the lock, once
     every guard has passed; end 0 is the arena's end. A report-only pass
-    over the whole range is split across ``pool`` where it can be."""
+    over the whole range is split across ``pool`` where it can be (see
+    split_report for ``keep``)."""
     cdef RegionSink sink
     cdef PassCounts ignored
     cdef int rc
@@ -214,7 +225,7 @@ cdef int locked_pass(TrackerCore *t, const void *owner, CardBits *cards, bint re
     if rc == 0 and (reset or max_pages):
         rc = timed_pass(t.backend, t.backend.start, end, reset, max_pages, &sink, counts)
     elif rc == 0:
-        rc = split_report(t.backend, cards, end, pool, max_participants, counts)
+        rc = split_report(t.backend, cards, end, pool, max_participants, keep, counts)
     pthread_mutex_unlock(&t.lock)
     return rc
 
@@ -265,10 +276,12 @@ cdef uintptr_t split_alignment(const BackendCore *backend, const CardBits *cards
 
 
 cdef int split_report(BackendCore *backend, CardBits *cards, uintptr_t end, WorkerPool *pool,
-                      size_t max_participants, PassCounts *counts) noexcept nogil:
+                      size_t max_participants, RegionBuffer *keep, PassCounts *counts) noexcept nogil:
     """The report-only pass over [backend start, end) split into chunks, run
-    by the pool; a single timed_pass where it cannot split."""
+    by the pool; a single timed_pass where it cannot split, which also keeps
+    its regions in ``keep`` (if not NULL; a split pass flags it incomplete)."""
     cdef RegionSink sink
+    cdef CardsAndRegions both
     cdef SplitReport *split
     cdef size_t k
     cdef int rc
@@ -281,7 +294,14 @@ cdef int split_report(BackendCore *backend, CardBits *cards, uintptr_t end, Work
             or end - start < max(2 * align, MIN_SPLIT_LENGTH)):
         sink.emit = mark_cards
         sink.ctx = cards
+        if keep != NULL:
+            both.cards = cards
+            both.regions = keep
+            sink.emit = mark_and_keep
+            sink.ctx = &both
         return timed_pass(backend, start, end, False, 0, &sink, counts)
+    if keep != NULL:
+        keep.incomplete = True
     split = <SplitReport *>malloc(sizeof(SplitReport))
     if split == NULL:
         return -ENOMEM
@@ -319,12 +339,12 @@ cdef int tracker_owner_pass(TrackerCore *t, const void *owner, CardBits *cards, 
 
 
 cdef int tracker_owner_report(TrackerCore *t, const void *owner, CardBits *cards, uintptr_t end,
-                              WorkerPool *pool, size_t max_participants,
+                              WorkerPool *pool, size_t max_participants, RegionBuffer *keep,
                               PassCounts *counts) noexcept nogil:
     cdef int rc = usable(t)
     if rc:
         return rc
-    return locked_pass(t, owner, cards, False, 0, end, counts, pool, max_participants)
+    return locked_pass(t, owner, cards, False, 0, end, counts, pool, max_participants, keep)
 
 
 cdef int tracker_drain(TrackerCore *t, CardBits *cards, PassCounts *counts) noexcept nogil:
