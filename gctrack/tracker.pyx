@@ -289,6 +289,8 @@ cdef int split_report(BackendCore *backend, CardBits *cards, uintptr_t end, Work
     cdef uintptr_t start = backend.start
     if pool == NULL or max_participants > pool.count + 1:
         max_participants = 1 if pool == NULL else pool.count + 1
+    if max_participants > MAX_WORKERS:          # the per-participant counts
+        max_participants = MAX_WORKERS
     if (backend.report_range == NULL or max_participants < 2 or align == 0
             or ((start - cards.base) & (align - 1))
             or end - start < max(2 * align, MIN_SPLIT_LENGTH)):

@@ -41,7 +41,7 @@ def boundary_offsets(arena, every: int) -> numpy.ndarray:
     return numpy.unique(offsets[(offsets >= 0) & (offsets < arena.size)])
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3, 5])
+@pytest.mark.parametrize("workers", [1, 2, 3, 5, 64])
 @pytest.mark.parametrize("card_size", [64, 512, 1 << 16])
 def test_a_split_report_marks_exactly_the_cards_of_one_pass(workers, card_size):
     """Pages on both sides of chunk boundaries, and the arena's first and
