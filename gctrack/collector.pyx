@@ -30,8 +30,8 @@ import warnings
 
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport realloc, free
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
+from gctrack.clock cimport monotonic_seconds
 from gctrack.backend cimport PassCounts
 from gctrack.cards cimport CardBits, CardTable, cards_clear, cards_next_clean, cards_next_dirty
 from gctrack.dirtymap cimport gct_bits_load
@@ -317,12 +317,6 @@ cdef inline double cost_of(double preferred, double fallback, double default) no
     return preferred if preferred >= 0 else (fallback if fallback >= 0 else default)
 
 
-cdef inline double now() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
 # ---- the Python face -------------------------------------------------------------------
 
 cdef class Collector:
@@ -430,15 +424,15 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
     cdef double stop_world_timed(self) except -1.0:
         """Stop the mutators; returns the time to safepoint, from the request
         until the last mutator parked (part of the pause the mutators see)."""
-        cdef double requested = now()
+        cdef double requested = monotonic_seconds()
         self.heap.stop_world()
         self.stop_requested = requested
-        return now() - requested
+        return monotonic_seconds() - requested
 
     cdef tuple pause_span(self):
         """The pause that just ended, right after resume_world(): (stop
         requested, resumed) in CLOCK_MONOTONIC seconds (time.monotonic())."""
-        return (self.stop_requested, now())
+        return (self.stop_requested, monotonic_seconds())
 
     cdef double predict_remark(self, size_t dirty) noexcept:
         """The remark if it started now: walk the extent, rescan about as
@@ -589,10 +583,10 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         cdef uint64_t freed
         to_safepoint = self.stop_world_timed()
         try:
-            started = now()
+            started = monotonic_seconds()
             mark_roots(h, &self.stack)
             drain(h, &self.stack)
-            marked = now()
+            marked = monotonic_seconds()
             self.check_stack()            # a mark dropped for want of memory: no sweep
             freed = sweep(h)
         finally:
@@ -601,7 +595,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         return CycleStats(backend=self.heap.backend, concurrent=False, live=self.heap.live_count,
                           freed=freed, initial_mark_pause=0.0, concurrent_mark_seconds=0.0,
                           preclean=(), remark_pause=marked - started, remark_dirty_cards=0,
-                          full_mark_seconds=marked - started, sweep_seconds=now() - marked,
+                          full_mark_seconds=marked - started, sweep_seconds=monotonic_seconds() - marked,
                           remark_time_to_safepoint=to_safepoint, pause_goal=self.pause_goal,
                           pause_spans=(span,))
 
@@ -619,12 +613,12 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         rearm = self.rearm_pass()
         # initial mark, native mutators parked and the GIL held
         initial_safepoint = self.stop_world_timed()
-        t0 = now()
+        t0 = monotonic_seconds()
         pthread_mutex_lock(&h.alloc_lock)
         h.allocate_marked = True
         pthread_mutex_unlock(&h.alloc_lock)
         mark_roots(h, &self.stack)
-        t1 = now()
+        t1 = monotonic_seconds()
         self.heap.resume_world()
         initial_span = self.pause_span()
         initial_pause = t1 - t0
@@ -632,9 +626,9 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
             after_phase("initial_mark")
         # 2. concurrent mark
         with nogil:
-            t0 = now()
+            t0 = monotonic_seconds()
             drain(h, &self.stack)
-            t1 = now()
+            t1 = monotonic_seconds()
         self.check_stack()
         concurrent_seconds = t1 - t0
         if after_phase is not None:
@@ -642,14 +636,14 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         # 3. precleaning
         preclean = []
         predicted = self.predict_remark(0)
-        preclean_started = now()
+        preclean_started = monotonic_seconds()
         for _ in range(max_preclean):
-            t0 = now()
+            t0 = monotonic_seconds()
             counts = self.rearm_pass()
             with nogil:
                 rescanned = rescan_dirty(h, &self.extent, 0, &self.stack, &dirty)
                 drain(h, &self.stack)
-                t1 = now()
+                t1 = monotonic_seconds()
             self.check_stack()
             learn(&self.preclean_costs, counts.seconds / self.extent.size,
                   t1 - t0 - counts.seconds, dirty)
@@ -658,7 +652,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
                                          predicted_remark=predicted))
             if after_phase is not None:
                 after_phase("preclean")
-            if predicted <= self.pause_goal or now() - preclean_started >= self.preclean_time_limit:
+            if predicted <= self.pause_goal or monotonic_seconds() - preclean_started >= self.preclean_time_limit:
                 break
         if after_phase is not None:
             after_phase("before_remark")
@@ -668,12 +662,12 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         # next cycle re-arms those pages.
         self.clear_cards_before_remark()
         remark_safepoint = self.stop_world_timed()
-        t0 = now()
+        t0 = monotonic_seconds()
         try:
             counts = self.final_pass()
             mark_roots(h, &self.stack)
             remark_threads = self.remark_rescan(counts.pages, &dirty)
-            t1 = now()
+            t1 = monotonic_seconds()
             self.heap.verify_barriers_at_remark()    # a debug aid, not counted in remark_pause
         finally:
             self.heap.resume_world()
@@ -685,7 +679,7 @@ Collects a Heap; ``collect()`` runs one cycle and returns CycleStats.
         # 5. sweep, mutators running
         with nogil:
             freed = sweep(h)
-            t2 = now()
+            t2 = monotonic_seconds()
         return CycleStats(backend=self.heap.backend, concurrent=True, live=self.heap.live_count,
                           freed=freed, initial_mark_pause=initial_pause,
                           concurrent_mark_seconds=concurrent_seconds, preclean=tuple(preclean),

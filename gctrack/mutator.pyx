@@ -41,6 +41,7 @@ from posix.time cimport (clock_gettime, nanosleep, timespec, CLOCK_MONOTONIC,
 from posix.types cimport clockid_t
 from posix.unistd cimport getpid
 
+from gctrack.clock cimport monotonic_seconds
 from gctrack.cards cimport CardBits, CardTable
 from gctrack.dirtymap cimport gct_bits_set
 from gctrack.heap cimport (Heap, HeapCore, Safepoint, heap_alloc, heap_extent_end, heap_is_allocated,
@@ -152,12 +153,6 @@ cdef inline uint64_t next_random(uint64_t *state) noexcept nogil:
 cdef inline bint chance(MutatorState *m, uint64_t threshold) noexcept nogil:
     """True with probability threshold / 2**53."""
     return (next_random(&m.rng) >> 11) < threshold
-
-
-cdef inline double seconds_now() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef inline uint64_t nanoseconds_now() noexcept nogil:
@@ -604,7 +599,7 @@ cdef void *mutator_main(void *arg) noexcept nogil:
     m.iteration = 0
     m.old_store_credit = 0.0
     cdef bint going = m.set_up(m)
-    cdef double next_at = seconds_now()
+    cdef double next_at = monotonic_seconds()
     while going:
         safepoint_poll(sp, m.running)
         if stopping(m) or not m.work_unit(m):
@@ -612,7 +607,7 @@ cdef void *mutator_main(void *arg) noexcept nogil:
         m.work_units += 1
         if m.interval > 0:
             next_at += m.interval
-            while seconds_now() < next_at and gct_mut_load(m.running):
+            while monotonic_seconds() < next_at and gct_mut_load(m.running):
                 pause.tv_sec = 0
                 pause.tv_nsec = 50000
                 safepoint_poll(sp, m.running)
@@ -901,8 +896,8 @@ cdef class NativeMutators:
         tick.tv_nsec = 100000
         while gct_mut_load(&self.registered) < expected:
             with nogil:
-                slice_end = seconds_now() + REGISTER_WAIT_SLICE
-                while gct_mut_load(&self.registered) < expected and seconds_now() < slice_end:
+                slice_end = monotonic_seconds() + REGISTER_WAIT_SLICE
+                while gct_mut_load(&self.registered) < expected and monotonic_seconds() < slice_end:
                     nanosleep(&tick, NULL)
             PyErr_CheckSignals()
         return 0

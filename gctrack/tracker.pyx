@@ -19,6 +19,7 @@ from posix.mman cimport (madvise, mmap, munmap, MADV_DONTNEED, MAP_ANONYMOUS, MA
 from posix.unistd cimport getpid, sysconf, _SC_PAGESIZE
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
+from gctrack.clock cimport monotonic_seconds
 from gctrack.arena cimport Arena
 from gctrack.backend cimport BackendCore, PassCounts, RegionSink
 from gctrack.cards cimport (CardBits, CardTable, cards_mark_regions, cards_merge,
@@ -131,20 +132,14 @@ cdef void rerecord(BackendCore *backend, const RegionBuffer *buf) noexcept nogil
 
 # ---- the pass, the loop and drain: written once for every backend ----------
 
-cdef inline double now_seconds() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
 cdef int timed_pass(BackendCore *backend, uintptr_t start, uintptr_t end, bint reset,
                     uint64_t max_pages, RegionSink *sink, PassCounts *counts) noexcept nogil:
     """One pass of `backend` over [start, end) into `sink`; the caller holds
     the tracker lock."""
     memset(counts, 0, sizeof(PassCounts))
-    cdef double started = now_seconds()
+    cdef double started = monotonic_seconds()
     cdef int rc = backend.run_pass(backend, start, end, reset, max_pages, sink, counts)
-    counts.seconds = now_seconds() - started
+    counts.seconds = monotonic_seconds() - started
     return rc
 
 
@@ -312,12 +307,12 @@ cdef int split_report(BackendCore *backend, CardBits *cards, uintptr_t end, Work
     split.cards = cards
     chunks_init(&split.chunks, start, end,
                 chunk_size_for(end - start, max_participants, 4, align, MIN_SPLIT_CHUNK))
-    cdef double started = now_seconds()
+    cdef double started = monotonic_seconds()
     pool_run(pool, report_chunks, split, max_participants)
     memset(counts, 0, sizeof(PassCounts))
     for k in range(max_participants):        # the workers that stayed out counted nothing
         add_counts(counts, &split.counts[k])
-    counts.seconds = now_seconds() - started
+    counts.seconds = monotonic_seconds() - started
     rc = split.error
     free(split)
     return rc

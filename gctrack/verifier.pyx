@@ -18,9 +18,9 @@ from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport realloc, free
 from libc.string cimport memcpy, memset
 from posix.mman cimport mmap, munmap, MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from posix.unistd cimport getpid
 
+from gctrack.clock cimport monotonic_seconds
 from gctrack.arena cimport Arena
 from gctrack.backend cimport PassCounts, RegionSink
 from gctrack.cards cimport CardBits, CardTable, cards_clear_range
@@ -123,12 +123,6 @@ cdef int compare_regions(void *ctx, const gct_page_region *regions, size_t n) no
     return 0
 
 
-cdef inline double now_seconds() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
 cdef int verifier_check(VerifierCore *v, bint clear, MissedBuffer *out,
                         VerifyCounts *counts) noexcept nogil:
     """One reset pass of the kernel registration into the comparison. The
@@ -138,7 +132,7 @@ cdef int verifier_check(VerifierCore *v, bint clear, MissedBuffer *out,
     cdef Comparison comparison
     cdef RegionSink sink
     cdef PassCounts pass_counts
-    cdef double started = now_seconds()
+    cdef double started = monotonic_seconds()
     cdef int rc
     memset(counts, 0, sizeof(VerifyCounts))
     memset(&pass_counts, 0, sizeof(PassCounts))
@@ -159,7 +153,7 @@ cdef int verifier_check(VerifierCore *v, bint clear, MissedBuffer *out,
         cards_clear_range(v.cards, v.start, v.end)
     pthread_mutex_unlock(&v.lock)
     counts.pages_written = pass_counts.pages
-    counts.seconds = now_seconds() - started
+    counts.seconds = monotonic_seconds() - started
     return rc
 
 

@@ -4,9 +4,9 @@ import os
 
 from libc.errno cimport EINVAL, ENOMEM
 from libc.stdlib cimport calloc, free
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from posix.unistd cimport getpid
 
+from gctrack.clock cimport monotonic_seconds
 from gctrack.threads cimport gct_cpu_relax, pthread_create, pthread_join
 
 #: Collector(workers=None) uses this many threads at most: past a few
@@ -110,16 +110,10 @@ cdef extern from *:
 cdef double CALLER_SPIN_SECONDS = 50e-6
 
 
-cdef inline double seconds_now() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
 cdef void wait_while_equal(unsigned *word, unsigned value, double spin_seconds) noexcept nogil:
     """Return once *word != value: spin for spin_seconds, then sleep on it."""
-    cdef double until = seconds_now() + spin_seconds
-    while atomic_load(word) == value and seconds_now() < until:
+    cdef double until = monotonic_seconds() + spin_seconds
+    while atomic_load(word) == value and monotonic_seconds() < until:
         gct_cpu_relax()
     while atomic_load(word) == value:
         futex_wait(word, value)
@@ -238,8 +232,8 @@ cdef size_t pool_run(WorkerPool *pool, WorkFn fn, void *ctx, size_t max_particip
     # Close the job: a worker that has not joined yet stays out, so waiting
     # costs only the work of those inside, never a sleeping thread's wake-up.
     inside = atomic_clear_bits(&pool.state, JOB_OPEN)
-    cdef double until = seconds_now() + CALLER_SPIN_SECONDS
-    while inside and seconds_now() < until:
+    cdef double until = monotonic_seconds() + CALLER_SPIN_SECONDS
+    while inside and monotonic_seconds() < until:
         gct_cpu_relax()
         inside = atomic_load(&pool.state)
     while inside:
